@@ -1,0 +1,627 @@
+//! Configuration: the YAML file, `${VAR}` expansion, validation, and the
+//! compiled form that the rest of Gatehouse reads.
+//!
+//! Loading reports every problem it finds with the file, line and key at
+//! fault, so that `gatehouse check-config` can be used in CI before a rollout.
+
+mod file;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::Algorithm;
+use serde_saphyr::{Location, Spanned};
+use sha2::{Digest, Sha256};
+
+pub use file::{FailureMode, LogFormat};
+use file::{FileConfig, RouteSection};
+
+use crate::reshape::Step;
+
+/// A configuration larger than this is refused before it is parsed.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The configuration in force, compiled and validated.
+#[derive(Debug)]
+pub struct Config {
+    /// Short hex digest of the file's bytes, reported by the admin API.
+    pub version: String,
+
+    /// The file it was read from.
+    pub path: PathBuf,
+
+    /// When it was read.
+    pub loaded_at: SystemTime,
+
+    /// Listen addresses and shutdown behaviour.
+    pub server: Server,
+
+    /// The token issuer.
+    pub provider: Provider,
+
+    /// The shared rate-limit store, if any.
+    pub redis: Option<Redis>,
+
+    /// Limits on reshaped bodies.
+    pub reshape: ReshapeLimits,
+
+    /// Profiles by name.
+    pub profiles: HashMap<String, Profile>,
+
+    /// Per-client settings by client id.
+    pub clients: HashMap<String, Client>,
+
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+}
+
+/// Where Gatehouse listens and how it stops.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The address Envoy calls.
+    pub listen: SocketAddr,
+    /// The admin API's address.
+    pub admin_listen: SocketAddr,
+    /// How long requests are still answered after SIGTERM.
+    pub drain: Duration,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// The OAuth2 provider whose tokens are accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Explicit JWKS location; OIDC discovery when `None`.
+    pub jwks_uri: Option<String>,
+    /// Clock skew allowed on time claims.
+    pub leeway: Duration,
+    /// Budget for one discovery or JWKS request.
+    pub fetch_timeout: Duration,
+    /// Background refresh period of the keys.
+    pub refresh: Duration,
+    /// Minimum time between refetches caused by an unknown `kid`.
+    pub min_refetch: Duration,
+    /// Accepted signature algorithms.
+    pub algorithms: Vec<Algorithm>,
+}
+
+/// The Redis that holds rate-limit counters.
+#[derive(Clone)]
+pub struct Redis {
+    /// Connection URL; may hold a password, so `Debug` hides it.
+    pub url: String,
+    /// Budget for one round trip.
+    pub timeout: Duration,
+    /// Prefix of every key.
+    pub key_prefix: String,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis")
+            .field("url", &redact_url(&self.url))
+            .field("timeout", &self.timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// A named rate limit: `requests` per `window` for each client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    /// The policy's name, used in keys, headers and bodies.
+    pub name: String,
+    /// Requests allowed per window.
+    pub requests: u64,
+    /// The window's length.
+    pub window: Duration,
+    /// What to do when the store fails.
+    pub failure_mode: FailureMode,
+}
+
+/// Limits on what ext_proc reshapes.
+#[derive(Debug, Clone)]
+pub struct ReshapeLimits {
+    /// Larger bodies pass through unchanged.
+    pub max_body_bytes: u64,
+}
+
+/// A named response shape.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// Steps by route name.
+    pub routes: HashMap<String, Arc<[Step]>>,
+}
+
+/// Per-client settings.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's own profile.
+    pub profile: Option<String>,
+}
+
+/// A compiled route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Unique name.
+    pub name: String,
+    /// Path prefix without a trailing slash (`""` for the root route).
+    pub prefix: String,
+    /// Accepted methods, upper case; any when empty.
+    pub methods: Vec<String>,
+    /// No token needed.
+    pub public: bool,
+    /// Scopes the token must all carry.
+    pub scopes: Vec<String>,
+    /// The rate limit that applies.
+    pub rate_limit: Option<Arc<RateLimitPolicy>>,
+    /// The profile for clients that have none of their own.
+    pub profile: Option<String>,
+}
+
+impl Config {
+    /// Reads, expands, validates and compiles the file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// Every problem found, each with the file, line and key at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read_file(path)?;
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::from_yaml(path, &text, env)
+    }
+
+    /// Parses `text` as if read from `path`, expanding `${VAR}` from `env`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Config::load`].
+    pub fn from_yaml(
+        path: &Path,
+        text: &str,
+        env: HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let raw = parse(path, text, env)?;
+        let version = hex_digest(text.as_bytes());
+
+        compile(path, raw, version)
+    }
+
+    /// The route that `name` names, if any.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.name == name)
+    }
+
+    /// The reshape steps for a profile on a route, if that profile shapes it.
+    pub fn steps(&self, profile: &str, route: &str) -> Option<Arc<[Step]>> {
+        self.profiles.get(profile)?.routes.get(route).cloned()
+    }
+}
+
+// === errors ===
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when known.
+    pub line: Option<u64>,
+    /// The key at fault, as a path such as `routes[2].rate_limit`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
+    /// The file is larger than any sensible configuration.
+    #[error("{path}: file is larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// The file was read but is not a valid configuration.
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found, in file order.
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|problem| match problem.line {
+            Some(line) => {
+                format!(
+                    "{}:{line}: {}: {}",
+                    path.display(),
+                    problem.key,
+                    problem.message
+                )
+            }
+            None => format!("{}: {}: {}", path.display(), problem.key, problem.message),
+        })
+        .collect();
+    lines.join("\n")
+}
+
+// === loading ===
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Deserializes the file, expanding `${VAR}` and `${VAR:-default}` inside
+/// scalar values only, so that a variable can never add keys.
+fn parse(path: &Path, text: &str, env: HashMap<String, String>) -> Result<FileConfig, ConfigError> {
+    let options = serde_saphyr::Options::default().with_properties(env);
+    let mut key = String::new();
+
+    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            key = err.path().to_string();
+            err.into_inner()
+        })
+    });
+
+    result.map_err(|err| {
+        let line = err
+            .location()
+            .map(|location| location.line())
+            .filter(|line| *line > 0);
+        let key = if key.is_empty() || key == "." {
+            "(top level)".to_owned()
+        } else {
+            key
+        };
+
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: vec![Problem {
+                line,
+                key,
+                message: first_line(&err.to_string()),
+            }],
+        }
+    })
+}
+
+/// serde-saphyr's messages start with `error: line L column C: ` and carry a
+/// source snippet after the first line; the file and line are reported
+/// separately, so only the sentence is kept.
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default().trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+
+    match line.split_once(": ") {
+        Some((position, rest)) if position.starts_with("line ") => rest.to_owned(),
+        _ => line.to_owned(),
+    }
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Hides the password in a Redis URL for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+// === compiling ===
+
+/// Collects problems while the file is compiled, so that all are reported.
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(
+        &mut self,
+        location: Option<&Location>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let line = location
+            .map(|location| location.line())
+            .filter(|line| *line > 0);
+        self.0.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, ConfigError> {
+    let mut problems = Problems(Vec::new());
+
+    let server = Server {
+        listen: raw.server.listen,
+        admin_listen: raw.server.admin_listen,
+        drain: Duration::from_secs(raw.server.drain_seconds),
+        log_format: raw.server.log_format,
+    };
+    if server.listen == server.admin_listen {
+        problems.add(
+            None,
+            "server.admin_listen",
+            "must differ from server.listen",
+        );
+    }
+
+    let provider = compile_provider(raw.provider, &mut problems);
+    let redis = raw.redis.map(|redis| {
+        check_url(&redis.url, &["redis", "rediss"], "redis.url", &mut problems);
+        Redis {
+            url: redis.url.value,
+            timeout: Duration::from_millis(redis.timeout_ms),
+            key_prefix: redis.key_prefix,
+        }
+    });
+
+    let rate_limits: HashMap<String, Arc<RateLimitPolicy>> = raw
+        .rate_limits
+        .into_iter()
+        .map(|(name, section)| {
+            let policy = RateLimitPolicy {
+                name: name.clone(),
+                requests: section.requests.get(),
+                window: Duration::from_secs(section.window_seconds.get()),
+                failure_mode: section.failure_mode,
+            };
+            (name, Arc::new(policy))
+        })
+        .collect();
+
+    let profile_names: HashSet<String> = raw.profiles.keys().cloned().collect();
+    let routes = compile_routes(raw.routes, &rate_limits, &profile_names, &mut problems);
+    let route_names: HashSet<&str> = routes.iter().map(|route| route.name.as_str()).collect();
+
+    let mut profiles = HashMap::new();
+    for (name, section) in raw.profiles {
+        let mut steps_by_route = HashMap::new();
+        for (route, steps) in section.routes {
+            if !route_names.contains(route.as_str()) {
+                let key = format!("profiles.{name}.routes.{route}");
+                problems.add(Some(&steps.referenced), key, "no route has this name");
+            }
+            steps_by_route.insert(route, Arc::from(steps.value));
+        }
+        profiles.insert(
+            name,
+            Profile {
+                routes: steps_by_route,
+            },
+        );
+    }
+
+    let mut clients = HashMap::new();
+    for (id, section) in raw.clients {
+        if let Some(profile) = &section.profile
+            && !profiles.contains_key(&profile.value)
+        {
+            let key = format!("clients.{id}.profile");
+            problems.add(
+                Some(&profile.referenced),
+                key,
+                format!("no profile named {:?}", profile.value),
+            );
+        }
+        clients.insert(
+            id,
+            Client {
+                profile: section.profile.map(|profile| profile.value),
+            },
+        );
+    }
+
+    if !problems.0.is_empty() {
+        problems.0.sort_by_key(|problem| problem.line);
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: problems.0,
+        });
+    }
+
+    Ok(Config {
+        version,
+        path: path.to_owned(),
+        loaded_at: SystemTime::now(),
+        server,
+        provider,
+        redis,
+        reshape: ReshapeLimits {
+            max_body_bytes: raw.reshape.max_body_bytes,
+        },
+        profiles,
+        clients,
+        routes,
+    })
+}
+
+fn compile_provider(raw: file::ProviderSection, problems: &mut Problems) -> Provider {
+    check_url(&raw.issuer, &["http", "https"], "provider.issuer", problems);
+    if let Some(jwks_uri) = &raw.jwks_uri {
+        check_url(jwks_uri, &["http", "https"], "provider.jwks_uri", problems);
+    }
+    if raw.audiences.is_empty() {
+        problems.add(
+            None,
+            "provider.audiences",
+            "at least one audience is required",
+        );
+    }
+
+    let mut algorithms = Vec::new();
+    for (index, alg) in raw.algorithms.iter().enumerate() {
+        // A shared-secret algorithm would let anyone holding the provider's
+        // public key forge tokens if the key type were chosen by the token.
+        if matches!(
+            alg.value,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            let key = format!("provider.algorithms[{index}]");
+            problems.add(
+                Some(&alg.referenced),
+                key,
+                "HMAC algorithms are not supported",
+            );
+        }
+        algorithms.push(alg.value);
+    }
+    if algorithms.is_empty() {
+        use Algorithm::*;
+        algorithms = vec![
+            RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+        ];
+    }
+
+    Provider {
+        issuer: raw.issuer.value,
+        audiences: raw.audiences,
+        jwks_uri: raw.jwks_uri.map(|uri| uri.value),
+        leeway: Duration::from_secs(raw.leeway_seconds),
+        fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms),
+        refresh: Duration::from_secs(raw.refresh_seconds.max(1)),
+        min_refetch: Duration::from_secs(raw.min_refetch_seconds),
+        algorithms,
+    }
+}
+
+fn compile_routes(
+    raw: Vec<RouteSection>,
+    rate_limits: &HashMap<String, Arc<RateLimitPolicy>>,
+    profiles: &HashSet<String>,
+    problems: &mut Problems,
+) -> Vec<Route> {
+    let mut names = HashSet::new();
+    let mut routes = Vec::with_capacity(raw.len());
+
+    for (index, section) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("routes[{index}].{field}");
+
+        if !names.insert(section.name.value.clone()) {
+            problems.add(
+                Some(&section.name.referenced),
+                key("name"),
+                "duplicate route name",
+            );
+        }
+
+        let prefix = section.prefix.value.trim_end_matches('/').to_owned();
+        if !section.prefix.value.starts_with('/') {
+            problems.add(
+                Some(&section.prefix.referenced),
+                key("prefix"),
+                "must start with '/'",
+            );
+        }
+        if section.prefix.value.contains(['?', '#', '%']) || section.prefix.value.contains("//") {
+            let message = "must be a plain normalised path (no '?', '#', '%' or '//')";
+            problems.add(Some(&section.prefix.referenced), key("prefix"), message);
+        }
+
+        let mut methods = Vec::new();
+        for method in &section.methods {
+            let upper = method.value.to_ascii_uppercase();
+            if !KNOWN_METHODS.contains(&upper.as_str()) {
+                let message = format!("unknown method {:?}", method.value);
+                problems.add(Some(&method.referenced), key("methods"), message);
+            }
+            methods.push(upper);
+        }
+
+        if section.public && !section.scopes.is_empty() {
+            let message = "a public route cannot require scopes";
+            problems.add(Some(&section.name.referenced), key("scopes"), message);
+        }
+
+        let rate_limit = section.rate_limit.as_ref().and_then(|name| {
+            let policy = rate_limits.get(&name.value).cloned();
+            if policy.is_none() {
+                let message = format!("no rate limit named {:?}", name.value);
+                problems.add(Some(&name.referenced), key("rate_limit"), message);
+            }
+            policy
+        });
+
+        if let Some(profile) = &section.profile
+            && !profiles.contains(&profile.value)
+        {
+            let message = format!("no profile named {:?}", profile.value);
+            problems.add(Some(&profile.referenced), key("profile"), message);
+        }
+
+        routes.push(Route {
+            name: section.name.value,
+            prefix,
+            methods,
+            public: section.public,
+            scopes: section.scopes,
+            rate_limit,
+            profile: section.profile.map(|profile| profile.value),
+        });
+    }
+
+    routes
+}
+
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+];
+
+fn check_url(url: &Spanned<String>, schemes: &[&str], key: &str, problems: &mut Problems) {
+    let ok = match reqwest::Url::parse(&url.value) {
+        Ok(parsed) => schemes.contains(&parsed.scheme()) && parsed.host_str().is_some(),
+        Err(_) => false,
+    };
+
+    if !ok {
+        let message = format!("must be a {} URL", schemes.join(" or "));
+        problems.add(Some(&url.referenced), key, message);
+    }
+}

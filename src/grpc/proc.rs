@@ -1,0 +1,237 @@
+//! Envoy's `envoy.service.ext_proc.v3.ExternalProcessor` (ext_proc).
+//!
+//! Envoy opens one stream per HTTP request. Gatehouse is configured to see
+//! only the response: its headers always, its body only when the reply to the
+//! headers keeps the buffered body phase on (see [`crate::shaping::plan`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
+    ProcessingRequest, ProcessingResponse, body_mutation, processing_request, processing_response,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::METADATA_NAMESPACE;
+use super::authz::metadata_from_struct;
+use crate::decision::Metadata;
+use crate::reshape::Step;
+use crate::shaping::{self, ResponseHead};
+use crate::state::{Runtime, State};
+
+/// Serves Envoy's ext_proc filter.
+pub struct ProcessorService {
+    state: Arc<State>,
+}
+
+impl ProcessorService {
+    /// A processor reading the state's current version per stream.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ProcessorService {
+    type ProcessStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let runtime = self.state.load();
+        let (tx, rx) = mpsc::channel(4);
+
+        tokio::spawn(
+            async move {
+                let mut exchange = Exchange {
+                    runtime,
+                    metadata: Metadata::default(),
+                    steps: None,
+                };
+
+                while let Some(message) = inbound.next().await {
+                    // Envoy resets the stream once the HTTP exchange is over;
+                    // that ends the loop and is not an error worth logging.
+                    let Ok(message) = message else { break };
+                    let reply = exchange.handle(message);
+                    if tx.send(Ok(reply)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("process")),
+        );
+
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The state of one HTTP exchange as ext_proc sees it.
+struct Exchange {
+    runtime: Arc<Runtime>,
+    metadata: Metadata,
+    steps: Option<Arc<[Step]>>,
+}
+
+impl Exchange {
+    fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
+        if let Some(context) = &message.metadata_context
+            && let Some(decided) = context.filter_metadata.get(METADATA_NAMESPACE)
+        {
+            self.metadata = metadata_from_struct(decided);
+        }
+
+        match message.request {
+            Some(processing_request::Request::ResponseHeaders(headers)) => {
+                self.response_headers(&headers)
+            }
+            Some(processing_request::Request::ResponseBody(body)) => {
+                self.response_body(&body.body, body.end_of_stream)
+            }
+            Some(processing_request::Request::RequestHeaders(_)) => reply(
+                processing_response::Response::RequestHeaders(HeadersResponse::default()),
+            ),
+            Some(processing_request::Request::RequestBody(_)) => reply(
+                processing_response::Response::RequestBody(BodyResponse::default()),
+            ),
+            Some(processing_request::Request::RequestTrailers(_)) => reply(
+                processing_response::Response::RequestTrailers(Default::default()),
+            ),
+            Some(processing_request::Request::ResponseTrailers(_)) => reply(
+                processing_response::Response::ResponseTrailers(Default::default()),
+            ),
+            None => reply(processing_response::Response::ResponseHeaders(
+                HeadersResponse::default(),
+            )),
+        }
+    }
+
+    fn response_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
+        let map: Vec<(String, String)> = headers
+            .headers
+            .as_ref()
+            .map(|map| map.headers.iter().map(header_pair).collect())
+            .unwrap_or_default();
+        let find = |name: &str| {
+            map.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, v)| v.as_str())
+        };
+
+        let head = ResponseHead {
+            status: find(":status").and_then(|status| status.parse().ok()),
+            content_type: find("content-type"),
+            content_length: find("content-length").and_then(|len| len.trim().parse().ok()),
+            content_encoding: find("content-encoding"),
+            end_of_stream: headers.end_of_stream,
+        };
+
+        let mut response = reply(processing_response::Response::ResponseHeaders(
+            HeadersResponse::default(),
+        ));
+        match shaping::plan(&self.runtime, &self.metadata, &head) {
+            Ok(steps) => {
+                tracing::debug!(request.id = %self.metadata.request_id, reshape.profile = ?self.metadata.profile, "buffering the response body to reshape it");
+                self.steps = Some(steps);
+            }
+            Err(reason) => {
+                tracing::trace!(request.id = %self.metadata.request_id, reshape.skip = ?reason, "response passes through");
+                response.mode_override = Some(skip_body());
+            }
+        }
+        response
+    }
+
+    fn response_body(&mut self, body: &[u8], end_of_stream: bool) -> ProcessingResponse {
+        let unchanged = || {
+            reply(processing_response::Response::ResponseBody(
+                BodyResponse::default(),
+            ))
+        };
+
+        let Some(steps) = self.steps.take().filter(|_| end_of_stream) else {
+            return unchanged();
+        };
+        let Some(reshaped) = shaping::reshape_body(&steps, body) else {
+            return unchanged();
+        };
+
+        // Envoy refuses a replaced body whose content-length disagrees, so
+        // the length is set in the same reply as the new body.
+        let length = reshaped.len().to_string();
+        let common = CommonResponse {
+            header_mutation: Some(HeaderMutation {
+                set_headers: vec![set_header("content-length", &length)],
+                remove_headers: Vec::new(),
+            }),
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(reshaped)),
+            }),
+            ..CommonResponse::default()
+        };
+
+        reply(processing_response::Response::ResponseBody(BodyResponse {
+            response: Some(common),
+        }))
+    }
+}
+
+fn reply(response: processing_response::Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// Turns the body phase off for the rest of this exchange.
+fn skip_body() -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: HeaderSendMode::Skip.into(),
+        response_header_mode: HeaderSendMode::Skip.into(),
+        request_body_mode: BodySendMode::None.into(),
+        response_body_mode: BodySendMode::None.into(),
+        request_trailer_mode: HeaderSendMode::Skip.into(),
+        response_trailer_mode: HeaderSendMode::Skip.into(),
+    }
+}
+
+/// Envoy sends header values either as `value` or as `raw_value` bytes.
+fn header_pair(header: &HeaderValue) -> (String, String) {
+    let value = if header.value.is_empty() {
+        String::from_utf8_lossy(&header.raw_value).into_owned()
+    } else {
+        header.value.clone()
+    };
+    (header.key.to_ascii_lowercase(), value)
+}
+
+#[allow(deprecated)]
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }),
+        append: None,
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+        keep_empty_value: false,
+    }
+}

@@ -1,0 +1,233 @@
+//! Wiring: the gRPC server Envoy calls, the admin server, health, and the
+//! drain on SIGTERM or SIGINT.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::Config;
+use crate::grpc::admin::AdminService;
+use crate::grpc::authz::AuthorizationService;
+use crate::grpc::pb::admin_server::AdminServer;
+use crate::grpc::proc::ProcessorService;
+use crate::state::State;
+
+/// After the drain period, in-flight requests get this long to finish.
+const FINISH_GRACE: Duration = Duration::from_secs(10);
+
+/// How often readiness is re-evaluated.
+const READINESS_PERIOD: Duration = Duration::from_millis(500);
+
+/// The service names health reports on, besides the overall `""`.
+const SERVICES: [&str; 2] = [
+    "envoy.service.auth.v3.Authorization",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+];
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The shared state could not be built.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+
+    /// A listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// The gRPC server failed.
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until SIGTERM or SIGINT, then drains and returns.
+///
+/// # Errors
+///
+/// When a listener cannot be bound or a server fails.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    serve_until(config, shutdown_signal()).await
+}
+
+/// Serves until `stop` completes, then drains and returns.
+///
+/// # Errors
+///
+/// As for [`serve`].
+pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let listen = config.server.listen;
+    let admin_listen = config.server.admin_listen;
+    let drain = config.server.drain;
+
+    let listener = bind(listen).await?;
+    let admin_listener = bind(admin_listen).await?;
+    if !admin_listen.ip().is_loopback() {
+        tracing::warn!(admin.address = %admin_listen, "the admin API listens on a non-loopback address");
+    }
+
+    let state = Arc::new(State::new(config)?);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let (draining_tx, draining) = watch::channel(false);
+    tokio::spawn(track_readiness(
+        state.clone(),
+        reporter.clone(),
+        draining.clone(),
+    ));
+    tokio::spawn(reload_on_hangup(state.clone()));
+
+    let (finish_tx, finish) = watch::channel(false);
+    let finished = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|done| *done).await;
+    };
+
+    let main = Server::builder()
+        .add_service(health)
+        .add_service(AuthorizationServer::new(AuthorizationService::new(
+            state.clone(),
+        )))
+        .add_service(ExternalProcessorServer::new(ProcessorService::new(
+            state.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), finished(finish.clone()));
+    let admin = Server::builder()
+        .add_service(AdminServer::new(AdminService::new(state.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), finished(finish));
+
+    tracing::info!(grpc.address = %listen, admin.address = %admin_listen, config.version = %state.load().config.version, "gatehouse serving");
+
+    let servers = async { tokio::try_join!(main, admin) };
+    tokio::pin!(servers);
+
+    tokio::select! {
+        result = &mut servers => { result?; return Ok(()); }
+        () = stop => {}
+    }
+
+    // Drain: report NOT_SERVING at once so that health-checking callers move
+    // away, keep answering for the drain period, then stop accepting and let
+    // in-flight requests finish.
+    tracing::info!(
+        drain.seconds = drain.as_secs(),
+        "shutdown requested; draining"
+    );
+    let _ = draining_tx.send(true);
+    set_health(&reporter, ServingStatus::NotServing).await;
+
+    tokio::select! {
+        result = &mut servers => { result?; return Ok(()); }
+        () = tokio::time::sleep(drain) => {}
+    }
+
+    let _ = finish_tx.send(true);
+    match tokio::time::timeout(FINISH_GRACE, &mut servers).await {
+        Ok(result) => {
+            result?;
+        }
+        Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting anyway"),
+    }
+
+    tracing::info!("gatehouse stopped");
+    Ok(())
+}
+
+async fn bind(address: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| ServeError::Bind { address, source })
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for service in SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// SERVING once the signing keys are loaded, until the drain starts.
+async fn track_readiness(
+    state: Arc<State>,
+    reporter: HealthReporter,
+    draining: watch::Receiver<bool>,
+) {
+    let mut ready = false;
+
+    loop {
+        if *draining.borrow() {
+            return;
+        }
+
+        let now_ready = state.load().authn.has_keys();
+        if now_ready != ready {
+            ready = now_ready;
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            tracing::info!(ready, "readiness changed");
+            set_health(&reporter, status).await;
+        }
+
+        tokio::time::sleep(READINESS_PERIOD).await;
+    }
+}
+
+#[cfg(unix)]
+async fn reload_on_hangup(state: Arc<State>) {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the admin API only");
+        return;
+    };
+
+    while hangups.recv().await.is_some() {
+        if let Err(err) = state.reload() {
+            tracing::warn!(error = %err, "reload refused; the running configuration stays");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_hangup(_state: Arc<State>) {}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terms) => {
+                terms.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,130 @@
+//! The live state: the compiled configuration with the key cache and the
+//! rate-limit store built for it, swapped atomically on reload.
+//!
+//! A request loads the [`Runtime`] once and keeps that version until it ends,
+//! so a reload never changes the rules under a request in flight.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::authn::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::ratelimit::Limiter;
+
+/// One consistent version of everything a decision reads.
+pub struct Runtime {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Token verification for `config.provider`.
+    pub authn: Arc<Authenticator>,
+    /// Rate limiting on `config.redis`.
+    pub limiter: Arc<Limiter>,
+}
+
+/// Why the state could not be built or reloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// The HTTP client for the provider could not be built.
+    #[error("cannot build the provider client: {0}")]
+    Http(#[from] reqwest::Error),
+
+    /// The Redis URL cannot be used.
+    #[error("cannot use the redis url: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The shared state behind every service.
+pub struct State {
+    current: ArcSwap<Runtime>,
+    path: PathBuf,
+}
+
+impl State {
+    /// Builds the state for `config` and starts the background key refresh.
+    ///
+    /// # Errors
+    ///
+    /// When the provider client or the Redis client cannot be built.
+    pub fn new(config: Config) -> Result<Self, StateError> {
+        let path = config.path.clone();
+        let runtime = build(config, None)?;
+
+        Ok(Self {
+            current: ArcSwap::from_pointee(runtime),
+            path,
+        })
+    }
+
+    /// The version in force now.
+    pub fn load(&self) -> Arc<Runtime> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the file and swaps the new version in.
+    ///
+    /// The key cache and the Redis connection are kept when their settings
+    /// did not change. Returns whether the file's contents changed.
+    ///
+    /// # Errors
+    ///
+    /// When the new file is invalid; the running version stays in force.
+    pub fn reload(&self) -> Result<bool, StateError> {
+        let config = Config::load(&self.path)?;
+        let previous = self.current.load_full();
+        let changed = config.version != previous.config.version;
+
+        let runtime = build(config, Some(&previous))?;
+        self.current.store(Arc::new(runtime));
+
+        tracing::info!(config.version = %self.load().config.version, config.changed = changed, "configuration reloaded");
+        Ok(changed)
+    }
+}
+
+fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateError> {
+    let authn = match previous {
+        Some(previous) if previous.authn.provider() == &config.provider => previous.authn.clone(),
+        _ => {
+            let authn = Arc::new(Authenticator::new(&config.provider)?);
+            tokio::spawn(authn.clone().run_refresh());
+            authn
+        }
+    };
+
+    let limiter = match previous {
+        Some(previous) if same_redis(&previous.config, &config) => previous.limiter.clone(),
+        _ => {
+            match &config.redis {
+                Some(redis) => {
+                    tracing::info!(redis.url = %crate::config::redact_url(&redis.url), "rate limits are kept in redis")
+                }
+                None => tracing::info!(
+                    "no redis configured: rate limits are kept in memory and hold for this instance only"
+                ),
+            }
+            Arc::new(Limiter::new(config.redis.as_ref())?)
+        }
+    };
+
+    Ok(Runtime {
+        config: Arc::new(config),
+        authn,
+        limiter,
+    })
+}
+
+fn same_redis(a: &Config, b: &Config) -> bool {
+    match (&a.redis, &b.redis) {
+        (Some(a), Some(b)) => {
+            a.url == b.url && a.timeout == b.timeout && a.key_prefix == b.key_prefix
+        }
+        (None, None) => true,
+        _ => false,
+    }
+}
