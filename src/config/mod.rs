@@ -139,6 +139,8 @@ pub struct ReshapeLimits {
 /// A named response shape.
 #[derive(Debug, Clone)]
 pub struct Profile {
+    /// What the profile is for.
+    pub description: Option<String>,
     /// Steps by route name.
     pub routes: HashMap<String, Arc<[Step]>>,
 }
@@ -304,6 +306,10 @@ fn parse(path: &Path, text: &str, env: HashMap<String, String>) -> Result<FileCo
             .location()
             .map(|location| location.line())
             .filter(|line| *line > 0);
+        // Spanned values add a `value` step to serde's path; readers never
+        // wrote that key, so it is left out.
+        let key = key.replace(".value[", "[").replace(".value.", ".");
+        let key = key.strip_suffix(".value").map(str::to_owned).unwrap_or(key);
         let key = if key.is_empty() || key == "." {
             "(top level)".to_owned()
         } else {
@@ -429,14 +435,17 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                 let key = format!("profiles.{name}.routes.{route}");
                 problems.add(Some(&steps.referenced), key, "no route has this name");
             }
+            if let Err(err) = crate::reshape::validate(&steps.value) {
+                let key = format!("profiles.{name}.routes.{route}");
+                problems.add(Some(&steps.referenced), key, err.to_string());
+            }
             steps_by_route.insert(route, Arc::from(steps.value));
         }
-        profiles.insert(
-            name,
-            Profile {
-                routes: steps_by_route,
-            },
-        );
+        let profile = Profile {
+            description: section.description,
+            routes: steps_by_route,
+        };
+        profiles.insert(name, profile);
     }
 
     let mut clients = HashMap::new();

@@ -210,3 +210,23 @@ fn missing_file_is_reported() {
 
     assert!(err.to_string().contains("/nonexistent/gatehouse.yaml"));
 }
+
+#[test]
+fn bad_reshape_step_names_profile_route_and_step() {
+    let text = GOOD.replace(
+        "        - keep: [id]",
+        "        - keep: [id]\n        - rename: {from: a, to: \"b[]\"}",
+    );
+    let err = problems(&text);
+
+    assert!(err.contains("profiles.mobile.routes.vehicles"), "{err}");
+    assert!(err.contains("step 2 (rename)"), "{err}");
+}
+
+#[test]
+fn bad_reshape_path_is_refused_at_load() {
+    let err = problems(&GOOD.replace("        - keep: [id]", "        - keep: [\"a..b\"]"));
+
+    assert!(err.contains("a..b"), "{err}");
+    assert!(err.contains("profiles.mobile.routes.vehicles"), "{err}");
+}

