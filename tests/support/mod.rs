@@ -388,7 +388,7 @@ pub fn gatehouse(
         .map(|addr| addr.port())
         .expect("GATEHOUSE_ADMIN_LISTEN in the environment");
 
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_gatehouse"));
+    let binary = gatehouse_binary();
     let config_arg = config.display().to_string();
     let args = ["serve", "--config", config_arg.as_str()];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -401,6 +401,16 @@ pub fn gatehouse(
     proc.wait_for_port(grpc);
     proc.wait_for_port(admin);
     (proc, GatehousePorts { grpc, admin })
+}
+
+/// The `gatehouse` binary: Cargo's for tests, `$GATEHOUSE_BIN` for the demo.
+pub fn gatehouse_binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_gatehouse") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var("GATEHOUSE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root().join("target/debug/gatehouse")),
+    }
 }
 
 /// Ports of an Envoy started from `envoy/envoy.yaml`.
