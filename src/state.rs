@@ -92,7 +92,7 @@ fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateErr
         Some(previous) if previous.authn.provider() == &config.provider => previous.authn.clone(),
         _ => {
             let authn = Arc::new(Authenticator::new(&config.provider)?);
-            tokio::spawn(authn.clone().run_refresh());
+            tokio::spawn(Authenticator::run_refresh(Arc::downgrade(&authn)));
             authn
         }
     };

@@ -337,3 +337,23 @@ async fn cors_preflight_needs_no_token_and_denials_carry_cors_headers() {
     assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&denied, "access-control-allow-origin"), Some(origin));
 }
+
+#[tokio::test]
+async fn slow_responses_outlast_gatehouse_time_budgets() {
+    // Longer than ext_authz's and ext_proc's per-message timeouts: those
+    // bound Gatehouse's answers, never the upstream's.
+    for client in [WEB, MOBILE] {
+        let token = token(client).await;
+        let response = get("/vehicles/slow?ms=1500", Some(&token)).await;
+
+        assert_eq!(response.status(), StatusCode::OK, "{}", client.0);
+        let body: Value = response.json().await.expect("json body");
+        if client == WEB {
+            assert_eq!(body["slept_ms"], 1500);
+        } else {
+            // The mobile profile keeps only vehicle fields; the body was
+            // still buffered and reshaped after the slow upstream answered.
+            assert_eq!(body, serde_json::json!({}));
+        }
+    }
+}

@@ -119,7 +119,7 @@ fn variables_are_expanded_and_unset_ones_without_default_fail() {
     let (ok, output) = check_config(&path, &[("REDIS_URL", "not a url")]);
     assert!(!ok);
     assert!(
-        output.contains("redis.url: must be a redis or rediss URL"),
+        output.contains("redis.url: must be a redis URL"),
         "{output}"
     );
 }
@@ -137,7 +137,8 @@ struct Running {
 fn start(config_text: &str, direct: bool) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let (redis, redis_port) = support::redis(dir.path());
-    let (provider, provider_port) = support::provider(dir.path(), &dir.path().join("keys.json"));
+    let (provider, provider_port) =
+        support::provider(dir.path(), &dir.path().join("keys.json"), None);
     let config = write(dir.path(), "gatehouse.yaml", config_text);
 
     let ports = GatehousePorts {

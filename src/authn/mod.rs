@@ -7,7 +7,7 @@
 pub mod bearer;
 mod keys;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -219,17 +219,23 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Refreshes the keys forever: on the configured period after success,
-    /// and soon after a failure, keeping the last good keys meanwhile.
-    pub async fn run_refresh(self: Arc<Self>) {
+    /// Refreshes the keys on the configured period after success, and soon
+    /// after a failure, keeping the last good keys meanwhile.
+    ///
+    /// The loop holds only a weak reference, so it ends once a reload has
+    /// replaced this authenticator and the last request using it is done.
+    pub async fn run_refresh(this: Weak<Self>) {
         loop {
-            let wait = match self.refresh().await {
-                Ok(()) => self.provider.refresh,
+            let Some(authn) = this.upgrade() else { return };
+            let wait = match authn.refresh().await {
+                Ok(()) => authn.provider.refresh,
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot fetch signing keys; keeping the last good ones");
                     RETRY_AFTER_FAILURE
                 }
             };
+            drop(authn);
+
             tokio::time::sleep(wait).await;
         }
     }
@@ -246,8 +252,11 @@ impl Authenticator {
         let token = bearer::parse(authorization, self.max_token_bytes)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
 
+        // The same leeway as verification, so a token in its grace period is
+        // not verified again on every request.
+        let leeway = self.provider.leeway.as_secs();
         if let Some(identity) = self.verified.get(&digest).await
-            && identity.expires_at > unix_now()
+            && identity.expires_at.saturating_add(leeway) > unix_now()
         {
             return Ok(identity);
         }
@@ -279,7 +288,9 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
             .map_err(|err| map_jwt_error(err.kind()))?;
 
-        identity_from(data.claims, header.kid)
+        // A key without a `kid` is stored under "", and so is the identity it
+        // signed, so that withdrawing that key drops the identity too.
+        identity_from(data.claims, Some(header.kid.unwrap_or_default()))
     }
 
     /// The current keys, refetched first when they lack `kid`.

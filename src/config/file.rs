@@ -143,7 +143,7 @@ fn default_refetch() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSection {
-    /// A `redis://` or `rediss://` URL.
+    /// A `redis://` URL.
     pub url: Spanned<String>,
 
     /// Budget for one Redis round trip, in milliseconds.

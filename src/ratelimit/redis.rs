@@ -100,6 +100,11 @@ async fn connect(client: Client, timeout: Duration, slot: Arc<ArcSwapOption<Conn
         .set_number_of_retries(2);
 
     loop {
+        // Only this task holds the slot once a reload dropped the store.
+        if Arc::strong_count(&slot) == 1 {
+            return;
+        }
+
         match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(manager) => {
                 tracing::info!("connected to redis");

@@ -282,11 +282,11 @@ pub fn redis(dir: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
-/// The OAuth2 provider on a free port, signing with keys kept in `keys`.
-pub fn provider(dir: &Path, keys: &Path) -> (Proc, u16) {
-    let port = free_port();
+/// The OAuth2 provider on `port` (a free one when `None`), signing with keys
+/// kept in `keys`.
+pub fn provider(dir: &Path, keys: &Path, port: Option<u16>) -> (Proc, u16) {
+    let port = port.unwrap_or_else(free_port);
     let node = require("node", "Node.js 20 or later");
-    let script = root().join("tests/provider/provider.mjs");
     assert!(
         root()
             .join("tests/provider/node_modules/oidc-provider")
@@ -294,16 +294,13 @@ pub fn provider(dir: &Path, keys: &Path) -> (Proc, u16) {
         "the provider's npm packages are missing; run scripts/setup"
     );
 
+    let script = root()
+        .join("tests/provider/provider.mjs")
+        .display()
+        .to_string();
     let port_arg = port.to_string();
     let keys_arg = keys.display().to_string();
-    let script_arg = script.display().to_string();
-    let args = [
-        script_arg.as_str(),
-        "--port",
-        &port_arg,
-        "--keys",
-        &keys_arg,
-    ];
+    let args = [script.as_str(), "--port", &port_arg, "--keys", &keys_arg];
 
     let mut proc = Proc::start("provider", dir, &node, &args, &[]);
     proc.wait_for_log("provider ready");
@@ -375,18 +372,17 @@ pub fn gatehouse(
     env: &[(String, String)],
     direct: bool,
 ) -> (Proc, GatehousePorts) {
-    let grpc = env
-        .iter()
-        .find(|(key, _)| key == "GATEHOUSE_LISTEN")
-        .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
-        .map(|addr| addr.port())
-        .expect("GATEHOUSE_LISTEN in the environment");
-    let admin = env
-        .iter()
-        .find(|(key, _)| key == "GATEHOUSE_ADMIN_LISTEN")
-        .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
-        .map(|addr| addr.port())
-        .expect("GATEHOUSE_ADMIN_LISTEN in the environment");
+    let port_of = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
+            .map(|addr| addr.port())
+            .unwrap_or_else(|| panic!("{name} in the environment"))
+    };
+    let (grpc, admin) = (
+        port_of("GATEHOUSE_LISTEN"),
+        port_of("GATEHOUSE_ADMIN_LISTEN"),
+    );
 
     let binary = gatehouse_binary();
     let config_arg = config.display().to_string();
@@ -557,10 +553,7 @@ impl Stack {
 
         let (redis, redis_port) = redis(dir.path());
         let keys = dir.path().join("provider-keys.json");
-        let (provider, provider_port) = match fixed.provider {
-            Some(port) => provider_on(dir.path(), &keys, port),
-            None => provider(dir.path(), &keys),
-        };
+        let (provider, provider_port) = provider(dir.path(), &keys, fixed.provider);
         let (vehicles, vehicles_port) = upstream(dir.path(), "vehicles");
         let (stations, stations_port) = upstream(dir.path(), "stations");
 
@@ -606,26 +599,6 @@ impl Stack {
     pub fn token_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}/token", self.provider_port)
     }
-}
-
-fn provider_on(dir: &Path, keys: &Path, port: u16) -> (Proc, u16) {
-    let node = require("node", "Node.js 20 or later");
-    let script = root()
-        .join("tests/provider/provider.mjs")
-        .display()
-        .to_string();
-    let port_arg = port.to_string();
-    let keys_arg = keys.display().to_string();
-
-    let mut proc = Proc::start(
-        "provider",
-        dir,
-        &node,
-        &[&script, "--port", &port_arg, "--keys", &keys_arg],
-        &[],
-    );
-    proc.wait_for_log("provider ready");
-    (proc, port)
 }
 
 /// A client-credentials access token for `client` with `scope`.
