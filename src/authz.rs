@@ -43,6 +43,7 @@ mod tests {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             rate_limit: None,
             profile: None,
+            request_headers: Default::default(),
         }
     }
 

@@ -11,6 +11,8 @@ use crate::config::{FailureMode, Route};
 use crate::decision::{
     Allow, CLIENT_ID_HEADER, Decision, IDENTITY_HEADERS, Metadata, Refusal, SUBJECT_HEADER,
 };
+use crate::profile;
+use crate::reshape;
 use crate::route;
 use crate::state::Runtime;
 
@@ -62,10 +64,22 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
         Some(identity) => format!("client:{}", identity.client_id),
         None => format!("addr:{}", request.client_address.unwrap_or("unknown")),
     };
+    let fields = sparse_fieldset(runtime, request.path)?;
     let response_headers = limit(runtime, route, &client_key).await?;
+
+    let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
+    let choice = choose_profile(runtime, route, &request, client_id.as_deref());
 
     let mut allow = Allow {
         response_headers,
+        metadata: Metadata {
+            request_id: request.request_id.to_owned(),
+            route: Some(route.name.clone()),
+            client_id,
+            profile: choice.profile,
+            fields,
+            vary: choice.vary,
+        },
         ..Allow::default()
     };
 
@@ -80,29 +94,100 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
             .set_headers
             .push((SUBJECT_HEADER.to_owned(), identity.subject.clone()));
     }
+    route_headers(route, &mut allow);
     for name in IDENTITY_HEADERS {
-        if !allow.set_headers.iter().any(|(set, _)| set == name) {
+        if !allow.set_headers.iter().any(|(set, _)| set == name)
+            && !allow.add_headers.iter().any(|(added, _)| added == name)
+        {
             allow.remove_headers.push(name.to_owned());
         }
     }
 
-    let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
-    let profile = client_id
-        .as_ref()
-        .and_then(|id| config.clients.get(id))
-        .and_then(|client| client.profile.clone())
-        .or_else(|| route.profile.clone())
-        .filter(|profile| config.steps(profile, &route.name).is_some());
-
-    allow.metadata = Metadata {
-        request_id: request.request_id.to_owned(),
-        route: Some(route.name.clone()),
-        client_id,
-        profile,
-    };
-
     tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
     Ok(allow)
+}
+
+/// The profile for this client on this route; see [`crate::profile`].
+fn choose_profile(
+    runtime: &Runtime,
+    route: &Route,
+    request: &Request<'_>,
+    client_id: Option<&str>,
+) -> profile::Choice {
+    let reshape = &runtime.config.reshape;
+    let claim = reshape.profile_claim.as_deref().and_then(|claim| {
+        let authorization = request.headers.get("authorization")?;
+        profile::claim_from_verified_token(authorization, claim)
+    });
+    let header = reshape
+        .profile_header
+        .as_ref()
+        .and_then(|name| request.headers.get(name))
+        .map(String::as_str);
+
+    let asked = profile::Asked {
+        client_id: client_id.filter(|_| !route.public),
+        claim: claim.as_deref(),
+        header,
+    };
+    profile::choose(&runtime.config, route, asked)
+}
+
+/// The sparse fieldset in the query, checked now so a bad one is a 400
+/// rather than a silently unshaped body later.
+fn sparse_fieldset(runtime: &Runtime, path: &str) -> Result<Option<String>, Refusal> {
+    let param = &runtime.config.reshape.fields_param;
+    let Some((_, query)) = path.split_once('?') else {
+        return Ok(None);
+    };
+
+    let values: Vec<String> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(key, _)| key == param)
+        .map(|(_, value)| value.into_owned())
+        .filter(|value| !value.trim().is_empty())
+        .collect();
+    if values.is_empty() {
+        return Ok(None);
+    }
+
+    let joined = values.join(",");
+    match reshape::sparse_fieldset(&joined) {
+        Ok(_) => Ok(Some(joined)),
+        Err(_) => Err(Refusal::BadFields {
+            param: param.clone(),
+        }),
+    }
+}
+
+/// The route's own request header changes, with placeholders filled from
+/// the decision so far. A header whose value ends up empty is not sent.
+fn route_headers(route: &Route, allow: &mut Allow) {
+    let metadata = &allow.metadata;
+    let fill = |value: &str| {
+        value
+            .replace("{request_id}", &metadata.request_id)
+            .replace("{route}", &route.name)
+            .replace(
+                "{client_id}",
+                metadata.client_id.as_deref().unwrap_or_default(),
+            )
+            .replace("{profile}", metadata.profile.as_deref().unwrap_or_default())
+    };
+
+    let headers = &route.request_headers;
+    let filled = |pairs: &[(String, String)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.clone(), fill(value)))
+            .filter(|(_, value)| !value.is_empty())
+            .collect()
+    };
+    let set = filled(&headers.set);
+    let add = filled(&headers.add);
+
+    allow.set_headers.extend(set);
+    allow.add_headers.extend(add);
+    allow.remove_headers.extend(headers.remove.iter().cloned());
 }
 
 /// Counts the request against the route's policy and returns the headers

@@ -45,6 +45,8 @@ pub enum Decision {
 pub struct Allow {
     /// Headers set on the upstream request, replacing any existing value.
     pub set_headers: Vec<(String, String)>,
+    /// Headers appended to the upstream request's existing values.
+    pub add_headers: Vec<(String, String)>,
     /// Headers removed from the upstream request.
     pub remove_headers: Vec<String>,
     /// Headers added to the response the client gets.
@@ -65,8 +67,13 @@ pub struct Metadata {
     pub route: Option<String>,
     /// The authenticated client's id.
     pub client_id: Option<String>,
-    /// The profile that shapes the response, when one applies to this route.
+    /// The profile chosen for this client on this route, if any.
     pub profile: Option<String>,
+    /// The sparse fieldset the client asked for, as written in the query.
+    pub fields: Option<String>,
+    /// A request header that chose (or could have chosen) the profile, for
+    /// the response's `Vary`.
+    pub vary: Option<String>,
 }
 
 /// A direct answer to the client.
@@ -109,6 +116,13 @@ pub enum Refusal {
         headers: Vec<(String, String)>,
     },
 
+    /// The sparse fieldset in the query is not a list of field paths.
+    #[error("the {param} parameter is not a list of field paths")]
+    BadFields {
+        /// The query parameter's name.
+        param: String,
+    },
+
     /// A fail-closed rate limit's store could not answer.
     #[error("rate limit store unavailable for policy {policy}")]
     LimiterUnavailable {
@@ -126,6 +140,7 @@ impl Refusal {
             Self::Token(err) if err.is_missing() => "missing_token",
             Self::Token(_) => "invalid_token",
             Self::InsufficientScope { .. } => "insufficient_scope",
+            Self::BadFields { .. } => "invalid_request",
             Self::RateLimited { .. } => "rate_limited",
             Self::LimiterUnavailable { .. } => "temporarily_unavailable",
         }
@@ -142,6 +157,7 @@ impl Refusal {
 
         let status = match &self {
             Self::NoRoute => 404,
+            Self::BadFields { .. } => 400,
             Self::Token(err) if err.is_transient() => {
                 headers.push(("retry-after".to_owned(), "1".to_owned()));
                 503

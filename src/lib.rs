@@ -11,6 +11,8 @@ pub mod check;
 pub mod config;
 pub mod decision;
 pub mod grpc;
+pub mod metrics;
+pub mod profile;
 pub mod ratelimit;
 pub mod reshape;
 pub mod route;

@@ -46,6 +46,7 @@ mod tests {
             scopes: Vec::new(),
             rate_limit: None,
             profile: None,
+            request_headers: Default::default(),
         }
     }
 

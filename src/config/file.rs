@@ -193,14 +193,28 @@ pub enum FailureMode {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReshapeSection {
-    /// Bodies longer than this pass through unchanged, in bytes.
+    /// Bodies longer than this pass through unchanged, in bytes; for gzip
+    /// bodies this bounds both the encoded and the decoded size.
     pub max_body_bytes: u64,
+
+    /// The request header a client may send to pick one of its allowed
+    /// profiles; `None` turns picking by header off.
+    pub profile_header: Option<String>,
+
+    /// A token claim naming the client's profile; `None` ignores claims.
+    pub profile_claim: Option<String>,
+
+    /// The query parameter that asks for a sparse fieldset.
+    pub fields_param: String,
 }
 
 impl Default for ReshapeSection {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            profile_header: Some("x-client-type".to_owned()),
+            profile_claim: None,
+            fields_param: "fields".to_owned(),
         }
     }
 }
@@ -216,6 +230,11 @@ pub struct ProfileSection {
     /// Steps per route name; routes not listed are not reshaped.
     #[serde(default)]
     pub routes: BTreeMap<String, Spanned<Vec<Step>>>,
+
+    /// Whether 4xx and 5xx JSON bodies are reshaped too; by default an
+    /// upstream's error passes unchanged.
+    #[serde(default)]
+    pub reshape_errors: bool,
 }
 
 /// One entry of `clients:`.
@@ -225,6 +244,10 @@ pub struct ClientSection {
     /// The profile this client's responses are shaped by.
     #[serde(default)]
     pub profile: Option<Spanned<String>>,
+
+    /// Other profiles the client may pick with the profile header.
+    #[serde(default)]
+    pub allowed_profiles: Vec<Spanned<String>>,
 }
 
 /// One entry of `routes:`.
@@ -256,4 +279,26 @@ pub struct RouteSection {
     /// The profile for clients that have none of their own.
     #[serde(default)]
     pub profile: Option<Spanned<String>>,
+
+    /// Request headers changed on the way upstream.
+    #[serde(default)]
+    pub request_headers: RequestHeadersSection,
+}
+
+/// `routes[].request_headers:` values may hold `{request_id}`, `{route}`,
+/// `{client_id}` and `{profile}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestHeadersSection {
+    /// Headers appended to any the request already has.
+    #[serde(default)]
+    pub add: Option<Spanned<BTreeMap<String, String>>>,
+
+    /// Headers that replace any the request already has.
+    #[serde(default)]
+    pub set: Option<Spanned<BTreeMap<String, String>>>,
+
+    /// Headers removed from the request.
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
 }

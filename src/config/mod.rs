@@ -129,11 +129,17 @@ pub struct RateLimitPolicy {
     pub failure_mode: FailureMode,
 }
 
-/// Limits on what ext_proc reshapes.
+/// Limits on what ext_proc reshapes, and how a profile is asked for.
 #[derive(Debug, Clone)]
 pub struct ReshapeLimits {
-    /// Larger bodies pass through unchanged.
+    /// Larger bodies pass through unchanged (encoded and decoded size).
     pub max_body_bytes: u64,
+    /// The lower-case request header that picks among allowed profiles.
+    pub profile_header: Option<String>,
+    /// The token claim that names the client's profile.
+    pub profile_claim: Option<String>,
+    /// The query parameter holding a sparse fieldset.
+    pub fields_param: String,
 }
 
 /// A named response shape.
@@ -143,6 +149,8 @@ pub struct Profile {
     pub description: Option<String>,
     /// Steps by route name.
     pub routes: HashMap<String, Arc<[Step]>>,
+    /// Whether 4xx and 5xx bodies are reshaped too.
+    pub reshape_errors: bool,
 }
 
 /// Per-client settings.
@@ -150,7 +158,34 @@ pub struct Profile {
 pub struct Client {
     /// The client's own profile.
     pub profile: Option<String>,
+    /// Other profiles the client may pick with the profile header.
+    pub allowed_profiles: Vec<String>,
 }
+
+/// Request headers a route changes on the way upstream. Values may hold
+/// the placeholders in [`HEADER_PLACEHOLDERS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestHeaders {
+    /// Appended to any existing value.
+    pub add: Vec<(String, String)>,
+    /// Replacing any existing value.
+    pub set: Vec<(String, String)>,
+    /// Removed.
+    pub remove: Vec<String>,
+}
+
+/// What a `request_headers` value may refer to; each is replaced by the
+/// request's value, and a header whose value ends up empty is not sent.
+pub const HEADER_PLACEHOLDERS: [&str; 4] = ["{request_id}", "{route}", "{client_id}", "{profile}"];
+
+/// Headers a route may not change: the token, the identity Gatehouse
+/// vouches for, and what Envoy routes on.
+const PROTECTED_HEADERS: [&str; 4] = [
+    "authorization",
+    crate::decision::CLIENT_ID_HEADER,
+    crate::decision::SUBJECT_HEADER,
+    "host",
+];
 
 /// A compiled route.
 #[derive(Debug, Clone)]
@@ -169,6 +204,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<RateLimitPolicy>>,
     /// The profile for clients that have none of their own.
     pub profile: Option<String>,
+    /// Request headers changed on the way upstream.
+    pub request_headers: RequestHeaders,
 }
 
 impl Config {
@@ -202,6 +239,11 @@ impl Config {
     /// The route that `name` names, if any.
     pub fn route(&self, name: &str) -> Option<&Route> {
         self.routes.iter().find(|route| route.name == name)
+    }
+
+    /// The profile that `name` names, if any.
+    pub fn profile(&self, name: &str) -> Option<&Profile> {
+        self.profiles.get(name)
     }
 
     /// The reshape steps for a profile on a route, if that profile shapes it.
@@ -446,9 +488,12 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         let profile = Profile {
             description: section.description,
             routes: steps_by_route,
+            reshape_errors: section.reshape_errors,
         };
         profiles.insert(name, profile);
     }
+
+    let reshape = compile_reshape(raw.reshape, &mut problems);
 
     let mut clients = HashMap::new();
     for (id, section) in raw.clients {
@@ -462,10 +507,22 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                 format!("no profile named {:?}", profile.value),
             );
         }
+        for (index, allowed) in section.allowed_profiles.iter().enumerate() {
+            if !profiles.contains_key(&allowed.value) {
+                let key = format!("clients.{id}.allowed_profiles[{index}]");
+                let message = format!("no profile named {:?}", allowed.value);
+                problems.add(Some(&allowed.referenced), key, message);
+            }
+        }
         clients.insert(
             id,
             Client {
                 profile: section.profile.map(|profile| profile.value),
+                allowed_profiles: section
+                    .allowed_profiles
+                    .into_iter()
+                    .map(|allowed| allowed.value)
+                    .collect(),
             },
         );
     }
@@ -485,9 +542,7 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         server,
         provider,
         redis,
-        reshape: ReshapeLimits {
-            max_body_bytes: raw.reshape.max_body_bytes,
-        },
+        reshape,
         profiles,
         clients,
         routes,
@@ -607,6 +662,9 @@ fn compile_routes(
             problems.add(Some(&profile.referenced), key("profile"), message);
         }
 
+        let request_headers =
+            compile_request_headers(section.request_headers, &key("request_headers"), problems);
+
         routes.push(Route {
             name: section.name.value,
             prefix,
@@ -615,10 +673,99 @@ fn compile_routes(
             scopes: section.scopes,
             rate_limit,
             profile: section.profile.map(|profile| profile.value),
+            request_headers,
         });
     }
 
     routes
+}
+
+fn compile_reshape(raw: file::ReshapeSection, problems: &mut Problems) -> ReshapeLimits {
+    let profile_header = raw.profile_header.map(|name| name.to_ascii_lowercase());
+    if let Some(name) = &profile_header
+        && !is_header_name(name)
+    {
+        problems.add(None, "reshape.profile_header", "not a valid header name");
+    }
+    if raw.fields_param.is_empty() || raw.fields_param.contains(['&', '=', '#']) {
+        let message = "must be a plain query parameter name";
+        problems.add(None, "reshape.fields_param", message);
+    }
+
+    ReshapeLimits {
+        max_body_bytes: raw.max_body_bytes,
+        profile_header,
+        profile_claim: raw.profile_claim,
+        fields_param: raw.fields_param,
+    }
+}
+
+fn compile_request_headers(
+    raw: file::RequestHeadersSection,
+    key: &str,
+    problems: &mut Problems,
+) -> RequestHeaders {
+    let check = |name: &str, location: Option<&Location>, field: &str, problems: &mut Problems| {
+        let lower = name.to_ascii_lowercase();
+        if !is_header_name(&lower) {
+            let message = format!("{name:?} is not a valid header name");
+            problems.add(location, format!("{key}.{field}"), message);
+        } else if PROTECTED_HEADERS.contains(&lower.as_str()) {
+            let message = format!("{name:?} is managed by Gatehouse and cannot be changed");
+            problems.add(location, format!("{key}.{field}"), message);
+        }
+        lower
+    };
+
+    let mut compiled = RequestHeaders::default();
+    for (field, map, out) in [
+        ("add", raw.add, &mut compiled.add),
+        ("set", raw.set, &mut compiled.set),
+    ] {
+        let Some(map) = map else { continue };
+        for (name, value) in map.value {
+            let name = check(&name, Some(&map.referenced), field, problems);
+            for placeholder in unknown_placeholders(&value) {
+                let message = format!("unknown placeholder {placeholder:?}");
+                problems.add(
+                    Some(&map.referenced),
+                    format!("{key}.{field}.{name}"),
+                    message,
+                );
+            }
+            out.push((name, value));
+        }
+    }
+    for name in raw.remove {
+        let lower = check(&name.value, Some(&name.referenced), "remove", problems);
+        compiled.remove.push(lower);
+    }
+    compiled
+}
+
+/// `{word}` sequences in a header value that are not known placeholders.
+fn unknown_placeholders(value: &str) -> Vec<String> {
+    let mut unknown = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
+        let candidate = &rest[start..start + len + 1];
+        if !HEADER_PLACEHOLDERS.contains(&candidate) {
+            unknown.push(candidate.to_owned());
+        }
+        rest = &rest[start + len + 1..];
+    }
+    unknown
+}
+
+/// An RFC 9110 token in lower case; pseudo-headers are not names here.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&byte)
+        })
 }
 
 const KNOWN_METHODS: [&str; 9] = [

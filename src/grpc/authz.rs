@@ -95,6 +95,14 @@ fn allowed(allow: Allow) -> CheckResponse {
             false,
         );
     }
+    for (name, value) in &allow.add_headers {
+        ok.add_header(
+            name,
+            value,
+            Some(HeaderAppendAction::AppendIfExistsOrAdd),
+            false,
+        );
+    }
     for name in &allow.remove_headers {
         ok.remove_header(name);
     }
@@ -118,6 +126,7 @@ fn denied(deny: Deny) -> CheckResponse {
     let status = match deny.status {
         401 => Status::unauthenticated("denied"),
         429 => Status::resource_exhausted("denied"),
+        400 => Status::invalid_argument("denied"),
         503 => Status::unavailable("denied"),
         _ => Status::permission_denied("denied"),
     };
@@ -173,6 +182,8 @@ pub fn metadata_struct(metadata: &Metadata) -> Struct {
     put("route", &metadata.route);
     put("client_id", &metadata.client_id);
     put("profile", &metadata.profile);
+    put("fields", &metadata.fields);
+    put("vary", &metadata.vary);
 
     Struct { fields }
 }
@@ -189,6 +200,8 @@ pub fn metadata_from_struct(value: &Struct) -> Metadata {
         route: get("route"),
         client_id: get("client_id"),
         profile: get("profile"),
+        fields: get("fields"),
+        vary: get("vary"),
     }
 }
 
@@ -203,6 +216,8 @@ mod tests {
             route: Some("vehicles".to_owned()),
             client_id: Some("demo-mobile".to_owned()),
             profile: None,
+            fields: Some("id,battery.soc".to_owned()),
+            vary: Some("x-client-type".to_owned()),
         };
 
         assert_eq!(metadata_from_struct(&metadata_struct(&metadata)), metadata);

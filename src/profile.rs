@@ -1,0 +1,212 @@
+//! Which profile shapes a client's responses on a route, chosen once in
+//! Check, and which request header the answer depends on.
+//!
+//! Precedence, highest first: the profile header (only among the profiles
+//! the client is allowed), the token's profile claim, the client's config
+//! entry, the route's default. A client can never pick a profile it is not
+//! allowed: a partner asking for the web profile keeps its own.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::config::{Config, Route};
+
+/// What the request offers towards a profile choice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked<'a> {
+    /// The authenticated client, if the route needs a token.
+    pub client_id: Option<&'a str>,
+    /// The token's profile claim, if one is configured and present.
+    pub claim: Option<&'a str>,
+    /// The profile header's value, if sent.
+    pub header: Option<&'a str>,
+}
+
+/// The profile chosen, and the header a cache must vary on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Choice {
+    /// The chosen profile's name.
+    pub profile: Option<String>,
+    /// The profile header's name, when its value could change the choice
+    /// for this client.
+    pub vary: Option<String>,
+}
+
+/// Chooses the profile for `asked` on `route`.
+pub fn choose(config: &Config, route: &Route, asked: Asked<'_>) -> Choice {
+    let client = asked.client_id.and_then(|id| config.clients.get(id));
+
+    // The provider signed the claim, so it is trusted as far as it names a
+    // profile that exists.
+    let claimed = asked
+        .claim
+        .filter(|name| config.profiles.contains_key(*name))
+        .map(str::to_owned);
+    let base = claimed
+        .or_else(|| client.and_then(|client| client.profile.clone()))
+        .or_else(|| route.profile.clone());
+
+    // What a header may pick: the profile the client gets anyway, and the
+    // ones its entry allows besides.
+    let mut allowed: Vec<&str> = base.iter().map(String::as_str).collect();
+    for name in client.iter().flat_map(|client| &client.allowed_profiles) {
+        if !allowed.contains(&name.as_str()) {
+            allowed.push(name);
+        }
+    }
+
+    let header_name = config.reshape.profile_header.as_ref();
+    let vary = header_name.filter(|_| allowed.len() > 1).cloned();
+    let picked = header_name.and(asked.header).map(str::trim);
+
+    let profile = match picked {
+        Some(name) if allowed.contains(&name) => Some(name.to_owned()),
+        Some(_) => {
+            tracing::debug!(client.id = ?asked.client_id, "profile header names a profile this client may not use; ignored");
+            base
+        }
+        None => base,
+    };
+
+    Choice { profile, vary }
+}
+
+/// Reads one string claim from a bearer token that authn has already
+/// verified; the signature is not checked again here.
+///
+/// TODO: take the claim from the verified identity once it carries claims
+/// other than scopes, so the payload is decoded once per request.
+pub fn claim_from_verified_token(authorization: &str, claim: &str) -> Option<String> {
+    let token = authorization.split_once(' ')?.1.trim();
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+
+    claims.get(claim)?.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+provider:
+  issuer: http://127.0.0.1:9400
+  audiences: [api]
+profiles:
+  web: {}
+  mobile: {}
+  partner: {}
+  tablet: {}
+reshape:
+  profile_claim: app_profile
+clients:
+  app:
+    profile: mobile
+    allowed_profiles: [tablet]
+  partner:
+    profile: partner
+  anonymous-ish: {}
+routes:
+  - name: vehicles
+    prefix: /vehicles
+  - name: stations
+    prefix: /stations
+    profile: web
+"#;
+
+    fn config() -> Config {
+        Config::from_yaml(Path::new("test.yaml"), CONFIG, HashMap::new()).expect("valid config")
+    }
+
+    fn pick(route: &str, asked: Asked<'_>) -> Choice {
+        let config = config();
+        let route = config.route(route).expect("route").clone();
+        choose(&config, &route, asked)
+    }
+
+    #[test]
+    fn client_entry_comes_before_the_route_default() {
+        let asked = Asked {
+            client_id: Some("partner"),
+            ..Asked::default()
+        };
+        assert_eq!(pick("stations", asked).profile.as_deref(), Some("partner"));
+
+        let unknown = Asked {
+            client_id: Some("unknown"),
+            ..Asked::default()
+        };
+        assert_eq!(pick("stations", unknown).profile.as_deref(), Some("web"));
+        assert_eq!(pick("vehicles", unknown).profile, None);
+    }
+
+    #[test]
+    fn header_picks_only_among_allowed_profiles() {
+        let tablet = Asked {
+            client_id: Some("app"),
+            header: Some("tablet"),
+            ..Asked::default()
+        };
+        let choice = pick("vehicles", tablet);
+        assert_eq!(choice.profile.as_deref(), Some("tablet"));
+        assert_eq!(choice.vary.as_deref(), Some("x-client-type"));
+
+        let web = Asked {
+            header: Some("web"),
+            ..tablet
+        };
+        assert_eq!(pick("vehicles", web).profile.as_deref(), Some("mobile"));
+    }
+
+    #[test]
+    fn a_partner_cannot_ask_for_the_web_profile_and_gets_no_vary() {
+        let asked = Asked {
+            client_id: Some("partner"),
+            header: Some("web"),
+            ..Asked::default()
+        };
+        let choice = pick("vehicles", asked);
+
+        assert_eq!(choice.profile.as_deref(), Some("partner"));
+        assert_eq!(
+            choice.vary, None,
+            "one allowed profile: the header changes nothing"
+        );
+    }
+
+    #[test]
+    fn claim_comes_before_the_client_entry_and_is_then_allowed() {
+        let asked = Asked {
+            client_id: Some("partner"),
+            claim: Some("tablet"),
+            ..Asked::default()
+        };
+        assert_eq!(pick("vehicles", asked).profile.as_deref(), Some("tablet"));
+
+        let unknown_claim = Asked {
+            claim: Some("nonexistent"),
+            ..asked
+        };
+        assert_eq!(
+            pick("vehicles", unknown_claim).profile.as_deref(),
+            Some("partner")
+        );
+    }
+
+    #[test]
+    fn reads_a_claim_from_the_payload() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"app_profile":"tablet","n":1}"#);
+        let header = format!("Bearer e30.{payload}.sig");
+
+        assert_eq!(
+            claim_from_verified_token(&header, "app_profile").as_deref(),
+            Some("tablet")
+        );
+        assert_eq!(claim_from_verified_token(&header, "n"), None);
+        assert_eq!(claim_from_verified_token("Bearer x", "app_profile"), None);
+    }
+}
