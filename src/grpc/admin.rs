@@ -8,7 +8,10 @@ use std::time::UNIX_EPOCH;
 use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
-use super::pb::{ConfigVersion, GetConfigVersionRequest, ReloadRequest, ReloadResponse};
+use super::pb::{
+    ConfigVersion, Counters, GetConfigVersionRequest, GetCountersRequest, ReloadRequest,
+    ReloadResponse,
+};
 use crate::state::State;
 
 /// Serves the admin API.
@@ -44,6 +47,17 @@ impl Admin for AdminService {
         _request: Request<GetConfigVersionRequest>,
     ) -> Result<Response<ConfigVersion>, Status> {
         Ok(Response::new(self.version()))
+    }
+
+    async fn get_counters(
+        &self,
+        _request: Request<GetCountersRequest>,
+    ) -> Result<Response<Counters>, Status> {
+        let values = crate::metrics::snapshot()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        Ok(Response::new(Counters { values }))
     }
 
     async fn reload(

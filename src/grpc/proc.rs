@@ -28,8 +28,8 @@ use tracing::Instrument;
 use super::METADATA_NAMESPACE;
 use super::authz::metadata_from_struct;
 use crate::decision::Metadata;
-use crate::reshape::Step;
-use crate::shaping::{self, ResponseHead};
+use crate::metrics::Counter;
+use crate::shaping::{self, Plan, ResponseHead};
 use crate::state::{Runtime, State};
 
 /// Serves Envoy's ext_proc filter.
@@ -63,7 +63,7 @@ impl ExternalProcessor for ProcessorService {
                 let mut exchange = Exchange {
                     runtime,
                     metadata: Metadata::default(),
-                    steps: None,
+                    plan: None,
                 };
 
                 while let Some(message) = inbound.next().await {
@@ -87,7 +87,7 @@ impl ExternalProcessor for ProcessorService {
 struct Exchange {
     runtime: Arc<Runtime>,
     metadata: Metadata,
-    steps: Option<Arc<[Step]>>,
+    plan: Option<Plan>,
 }
 
 impl Exchange {
@@ -143,70 +143,87 @@ impl Exchange {
             end_of_stream: headers.end_of_stream,
         };
 
+        let mut mutation = HeaderMutation::default();
+        // A cache must not serve one profile's shape to a client that asked
+        // for another with the profile header.
+        if let Some(vary) = &self.metadata.vary {
+            mutation.set_headers.push(append_header("vary", vary));
+        }
+
         let mut response = reply(processing_response::Response::ResponseHeaders(
             HeadersResponse::default(),
         ));
         match shaping::plan(&self.runtime, &self.metadata, &head) {
-            Ok(steps) => {
+            Ok(plan) => {
                 tracing::debug!(request.id = %self.metadata.request_id, reshape.profile = ?self.metadata.profile, "buffering the response body to reshape it");
-                self.steps = Some(steps);
-                response.mode_override = Some(buffer_body());
+                Counter::ReshapeBuffered.inc();
+                response.mode_override = Some(buffer_body(plan.unknown_length));
+                self.plan = Some(plan);
 
                 // Envoy compares a replaced body with the content-length it
                 // holds; dropping the old length here and setting the new one
-                // with the body keeps the two in agreement.
-                let common = CommonResponse {
-                    header_mutation: Some(HeaderMutation {
-                        set_headers: Vec::new(),
-                        remove_headers: vec!["content-length".to_owned()],
-                    }),
-                    ..CommonResponse::default()
-                };
-                response.response = Some(processing_response::Response::ResponseHeaders(
-                    HeadersResponse {
-                        response: Some(common),
-                    },
-                ));
+                // with the body keeps the two in agreement. The upstream's
+                // ETag names the body it sent, not the one the client gets.
+                mutation.remove_headers.push("content-length".to_owned());
+                mutation.remove_headers.push("etag".to_owned());
             }
             Err(reason) => {
                 tracing::trace!(request.id = %self.metadata.request_id, reshape.skip = ?reason, "response passes through");
             }
         }
+
+        if !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty() {
+            let common = CommonResponse {
+                header_mutation: Some(mutation),
+                ..CommonResponse::default()
+            };
+            response.response = Some(processing_response::Response::ResponseHeaders(
+                HeadersResponse {
+                    response: Some(common),
+                },
+            ));
+        }
         response
     }
 
     fn response_body(&mut self, body: &[u8], end_of_stream: bool) -> ProcessingResponse {
-        let unchanged = || {
-            reply(processing_response::Response::ResponseBody(
-                BodyResponse::default(),
-            ))
+        let Some(plan) = self.plan.take() else {
+            return body_reply(None);
         };
 
-        let Some(steps) = self.steps.take().filter(|_| end_of_stream) else {
-            return unchanged();
-        };
-        let Some(reshaped) = shaping::reshape_body(&steps, body) else {
-            return unchanged();
+        // A partial body means the response outgrew Envoy's buffer: the rest
+        // streams on untouched, so this part must too.
+        let new_body = if end_of_stream {
+            shaping::reshape_body(&plan, body, &self.metadata.request_id)
+        } else {
+            Counter::PassedTooLarge.inc();
+            tracing::info!(request.id = %self.metadata.request_id, "response body outgrew the buffer; passing it unchanged");
+            return body_reply(None);
         };
 
         // Envoy refuses a replaced body whose content-length disagrees, so
-        // the length is set in the same reply as the new body.
-        let length = reshaped.len().to_string();
-        let common = CommonResponse {
+        // the length is set in the same reply as the body, changed or not.
+        let length = new_body.as_ref().map_or(body.len(), Vec::len).to_string();
+        let mut common = CommonResponse {
             header_mutation: Some(HeaderMutation {
                 set_headers: vec![set_header("content-length", &length)],
                 remove_headers: Vec::new(),
             }),
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::Body(reshaped)),
-            }),
             ..CommonResponse::default()
         };
-
-        reply(processing_response::Response::ResponseBody(BodyResponse {
-            response: Some(common),
-        }))
+        if let Some(new_body) = new_body {
+            common.body_mutation = Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(new_body)),
+            });
+        }
+        body_reply(Some(common))
     }
+}
+
+fn body_reply(common: Option<CommonResponse>) -> ProcessingResponse {
+    reply(processing_response::Response::ResponseBody(BodyResponse {
+        response: common,
+    }))
 }
 
 fn reply(response: processing_response::Response) -> ProcessingResponse {
@@ -219,13 +236,22 @@ fn reply(response: processing_response::Response) -> ProcessingResponse {
 /// Turns on the buffered body phase for this response only.
 ///
 /// Envoy's configuration sends no bodies by default, so every response that
-/// Gatehouse leaves alone streams through without being held.
-fn buffer_body() -> ProcessingMode {
+/// Gatehouse leaves alone streams through without being held. A response of
+/// unknown length (chunked) is buffered partially: Envoy hands over at most
+/// its buffer limit, and a body that outgrows it streams on unchanged
+/// instead of failing.
+fn buffer_body(unknown_length: bool) -> ProcessingMode {
+    let mode = if unknown_length {
+        BodySendMode::BufferedPartial
+    } else {
+        BodySendMode::Buffered
+    };
+
     ProcessingMode {
         request_header_mode: HeaderSendMode::Skip.into(),
         response_header_mode: HeaderSendMode::Skip.into(),
         request_body_mode: BodySendMode::None.into(),
-        response_body_mode: BodySendMode::Buffered.into(),
+        response_body_mode: mode.into(),
         request_trailer_mode: HeaderSendMode::Skip.into(),
         response_trailer_mode: HeaderSendMode::Skip.into(),
     }
@@ -241,8 +267,16 @@ fn header_pair(header: &HeaderValue) -> (String, String) {
     (header.key.to_ascii_lowercase(), value)
 }
 
-#[allow(deprecated)]
 fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    header_option(key, value, HeaderAppendAction::OverwriteIfExistsOrAdd)
+}
+
+fn append_header(key: &str, value: &str) -> HeaderValueOption {
+    header_option(key, value, HeaderAppendAction::AppendIfExistsOrAdd)
+}
+
+#[allow(deprecated)]
+fn header_option(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),
@@ -250,7 +284,7 @@ fn set_header(key: &str, value: &str) -> HeaderValueOption {
             raw_value: value.as_bytes().to_vec(),
         }),
         append: None,
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+        append_action: action.into(),
         keep_empty_value: false,
     }
 }

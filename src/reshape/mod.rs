@@ -5,6 +5,7 @@
 //! config ([`validate`]) and unparsable bodies ([`apply_to_bytes`]) fail.
 
 mod case;
+pub mod encoding;
 mod ops;
 mod path;
 mod step;

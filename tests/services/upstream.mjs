@@ -10,10 +10,15 @@
 import { fstatSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { parseArgs } from 'node:util';
+import { gzipSync } from 'node:zlib';
 
 const NAMES = ['vehicles', 'stations'];
 const RECORD_LIMIT = 200;
 const LARGE_BYTES = 5 * 1024 * 1024;
+// Just under Gatehouse's default reshape limit of 1 MiB.
+const MIB_BYTES = 1024 * 1024 - 4096;
+// Decodes to far more than any reshape limit, yet is small on the wire.
+const BOMB_BYTES = 64 * 1024 * 1024;
 const MAX_SLOW_MS = 30_000;
 const UPDATED_AT = '2026-11-30T10:00:00Z';
 
@@ -102,15 +107,18 @@ function deterministicBytes(length) {
   return buf;
 }
 
-// About LARGE_BYTES of JSON: the records repeated with distinct ids.
-function bigDocument(name) {
+// About `bytes` of JSON (at least, or at most when `under`): the records
+// repeated with distinct ids.
+function bigDocument(name, bytes = LARGE_BYTES, under = false) {
   const base = DATA[name];
   const items = [];
-  let size = 0;
-  for (let i = 0; size < LARGE_BYTES; i += 1) {
+  let size = 64;
+  for (let i = 0; size < bytes; i += 1) {
     const item = { ...base[i % base.length], id: `${name[0]}-big-${i}` };
+    const length = JSON.stringify(item).length + 1;
+    if (under && size + length > bytes) break;
     items.push(item);
-    size += JSON.stringify(item).length + 1;
+    size += length;
   }
   return Buffer.from(JSON.stringify({ items, count: items.length }));
 }
@@ -121,6 +129,7 @@ const lazy = (build) => {
   return () => (value ??= build());
 };
 const downloadBody = lazy(() => deterministicBytes(LARGE_BYTES));
+const bombBody = lazy(() => gzipSync(Buffer.from(`{"pad":"${'0'.repeat(BOMB_BYTES)}"}`)));
 
 // === http ===
 
@@ -154,6 +163,7 @@ function readBody(req) {
 function makeHandler(name) {
   const records = [];
   const big = lazy(() => bigDocument(name));
+  const mib = lazy(() => bigDocument(name, MIB_BYTES, true));
   const prefix = `/${name}`;
 
   const text = [
@@ -205,8 +215,47 @@ function makeHandler(name) {
     switch (rest) {
       case '': {
         const items = DATA[name];
-        return sendJson(res, 200, { items, count: items.length });
+        return sendJson(res, 200, { items, count: items.length }, { etag: '"list-v1"' });
       }
+      case 'gzip': {
+        const items = DATA[name];
+        const packed = gzipSync(Buffer.from(JSON.stringify({ items, count: items.length })));
+        return send(res, 200, 'application/json', packed, { 'content-encoding': 'gzip' });
+      }
+      case 'bomb':
+        return send(res, 200, 'application/json', bombBody(), { 'content-encoding': 'gzip' });
+      case 'encoded': {
+        // An encoding nobody here decodes; the bytes are plain JSON so a
+        // test can see they arrived untouched.
+        const items = DATA[name];
+        const json = JSON.stringify({ items, count: items.length });
+        return send(res, 200, 'application/json', json, { 'content-encoding': 'x-custom' });
+      }
+      case 'chunked': {
+        // No content-length: node sends transfer-encoding: chunked.
+        const items = DATA[name];
+        const json = JSON.stringify({ items, count: items.length });
+        const half = Math.floor(json.length / 2);
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write(json.slice(0, half));
+        setTimeout(() => res.end(json.slice(half)), 20);
+        return undefined;
+      }
+      case 'chunked-big': {
+        // Larger than Envoy's buffer, of unknown length.
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write(big());
+        res.end();
+        return undefined;
+      }
+      case 'invalid':
+        return send(res, 200, 'application/json', '{"items": [ {"id": "v-1", ');
+      case 'error': {
+        const failure = { error: 'upstream_failed', internal_notes: 'db down', vin: 'X' };
+        return sendJson(res, 503, failure);
+      }
+      case 'mib':
+        return send(res, 200, 'application/json', mib());
       case 'download':
         return send(res, 200, 'application/octet-stream', downloadBody());
       case 'big':

@@ -549,6 +549,15 @@ impl Stack {
 
     /// Starts everything, with some ports fixed.
     pub fn start_with(fixed: FixedPorts) -> Self {
+        Self::start_full(fixed, &root().join("config/gatehouse.yaml"))
+    }
+
+    /// Starts everything on free ports with Gatehouse serving `config`.
+    pub fn start_with_config(config: &Path) -> Self {
+        Self::start_full(FixedPorts::default(), config)
+    }
+
+    fn start_full(fixed: FixedPorts, config: &Path) -> Self {
         let dir = tempfile::tempdir().expect("create a temporary directory");
 
         let (redis, redis_port) = redis(dir.path());
@@ -562,8 +571,7 @@ impl Stack {
             admin: free_port(),
         };
         let env = gatehouse_env(ports, provider_port, redis_port);
-        let config = root().join("config/gatehouse.yaml");
-        let (gatehouse, gatehouse_ports) = gatehouse(dir.path(), &config, &env, false);
+        let (gatehouse, gatehouse_ports) = gatehouse(dir.path(), config, &env, false);
 
         let (envoy, envoy_ports) = envoy(
             dir.path(),

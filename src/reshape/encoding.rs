@@ -1,0 +1,82 @@
+//! Content encodings of response bodies: gzip is decoded with a bound, so a
+//! small compression bomb cannot expand without limit, and encoded again
+//! after reshaping.
+
+use std::io::{Read, Write};
+
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+
+/// Why a gzip body could not be decoded; the original passes unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The decoded body would be larger than the limit.
+    #[error("decoded body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The bytes are not a gzip stream.
+    #[error("body is not valid gzip")]
+    Corrupt(#[source] std::io::Error),
+}
+
+/// Decodes a gzip body, stopping as soon as the output passes `limit`.
+///
+/// # Errors
+///
+/// [`DecodeError::TooLarge`] past the limit, [`DecodeError::Corrupt`] for
+/// anything that is not gzip.
+pub fn gunzip_bounded(bytes: &[u8], limit: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut decoded = Vec::new();
+    let mut reader = GzDecoder::new(bytes).take(limit.saturating_add(1));
+    reader
+        .read_to_end(&mut decoded)
+        .map_err(DecodeError::Corrupt)?;
+
+    if decoded.len() as u64 > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(decoded)
+}
+
+/// Encodes a body with gzip at the default level.
+///
+/// # Errors
+///
+/// Only if writing to memory fails, which it does not in practice.
+pub fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+    encoder.write_all(bytes)?;
+    encoder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_within_the_limit() {
+        let body = br#"{"id":"v-1"}"#;
+        let encoded = gzip(body).expect("gzip");
+
+        assert_eq!(gunzip_bounded(&encoded, 1024).expect("decode"), body);
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let zeros = vec![b'0'; 10 * 1024 * 1024];
+        let bomb = gzip(&zeros).expect("gzip");
+        assert!(bomb.len() < 64 * 1024, "compresses well: {}", bomb.len());
+
+        let err = gunzip_bounded(&bomb, 1024 * 1024).expect_err("too large");
+        assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_corrupt_not_a_panic() {
+        let err = gunzip_bounded(b"not gzip at all", 1024).expect_err("corrupt");
+        assert!(matches!(err, DecodeError::Corrupt(_)), "{err}");
+    }
+}
