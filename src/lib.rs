@@ -8,6 +8,7 @@
 pub mod authn;
 pub mod authz;
 pub mod check;
+pub mod composite;
 pub mod config;
 pub mod decision;
 pub mod grpc;

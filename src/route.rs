@@ -47,6 +47,7 @@ mod tests {
             rate_limit: None,
             profile: None,
             request_headers: Default::default(),
+            composite: None,
         }
     }
 

@@ -114,11 +114,9 @@ fn profile_steps(runtime: &Runtime, metadata: &Metadata) -> Option<Arc<[Step]>> 
     runtime.config.steps(profile, route)
 }
 
-fn decide(
-    runtime: &Runtime,
-    metadata: &Metadata,
-    head: &ResponseHead<'_>,
-) -> Result<Plan, PassReason> {
+/// The profile's steps for this route, then a `keep` for the sparse
+/// fieldset, if any.
+pub fn steps_for(runtime: &Runtime, metadata: &Metadata) -> Vec<Step> {
     let mut steps: Vec<Step> = profile_steps(runtime, metadata)
         .map(|steps| steps.to_vec())
         .unwrap_or_default();
@@ -131,6 +129,15 @@ fn decide(
     {
         steps.push(Step::Keep(paths));
     }
+    steps
+}
+
+fn decide(
+    runtime: &Runtime,
+    metadata: &Metadata,
+    head: &ResponseHead<'_>,
+) -> Result<Plan, PassReason> {
+    let steps = steps_for(runtime, metadata);
     if steps.is_empty() {
         return Err(PassReason::NoProfile);
     }

@@ -77,6 +77,30 @@ const OPERATION_PROFILES: &str = r#"
         - drop: [internal_notes, vin]
 "#;
 
+/// Put before the other routes: a composite with one slow part, and one
+/// that merges its parts' fields. The slow part's timeout is longer than
+/// Envoy's default message timeout (0.5 s), so the answer only arrives if
+/// Gatehouse's raise of that timeout works.
+const COMPOSITE_ROUTES: &str = r#"
+  - name: overview-degraded
+    prefix: /overview/degraded
+    methods: [GET]
+    scopes: [vehicles:read]
+    composite:
+      parts:
+        - {key: vehicles, path: /vehicles, timeout_ms: 1000}
+        - {key: stations, path: "/stations/slow?ms=3000", timeout_ms: 800}
+  - name: overview-flat
+    prefix: /overview/flat
+    methods: [GET]
+    scopes: [vehicles:read]
+    composite:
+      merge: top_level
+      parts:
+        - {key: vehicle, path: /vehicles/v-1}
+        - {key: station, path: /stations/s-1}
+"#;
+
 const OPERATIONS: [&str; 12] = [
     "op-keep",
     "op-drop",
@@ -115,6 +139,7 @@ fn stack() -> &'static Stack {
 
             let config = base
                 .replacen("\nclients:", &format!("{OPERATION_PROFILES}\nclients:"), 1)
+                .replacen("\nroutes:\n", &format!("\nroutes:{COMPOSITE_ROUTES}"), 1)
                 .replacen(
                     allowed,
                     &format!(
@@ -611,4 +636,89 @@ async fn a_body_of_almost_one_mebibyte_is_reshaped() {
         upstream["count"].as_u64().expect("count")
     );
     assert!(items.iter().all(|item| item.get("owner").is_none()));
+}
+
+// === composite endpoints ===
+
+#[tokio::test]
+async fn a_composite_merges_both_services_for_the_caller_and_its_profile() {
+    let _serial = serial().await;
+    let token = support::token(
+        &stack().token_endpoint(),
+        MOBILE,
+        "vehicles:read stations:read",
+    )
+    .await;
+
+    let response = get(reqwest::Method::GET, "/overview", &token, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "x-gatehouse-partial"), None);
+    let body = checked_json(response).await;
+    assert_eq!(
+        body["vehicles"]["items"][0],
+        json!({"id": "v-1", "battery": {"soc": 81.5}})
+    );
+    assert_eq!(
+        body["stations"]["items"][1],
+        json!({"id": "s-2", "name": "Marienplatz Kerbside"})
+    );
+
+    // Both services saw who asked, under the same request id.
+    let vehicles = support::upstream_requests(stack().vehicles_port).await;
+    let stations = support::upstream_requests(stack().stations_port).await;
+    let last = |requests: &[Value], path: &str| {
+        requests
+            .iter()
+            .rev()
+            .find(|request| request["path"] == path)
+            .cloned()
+            .unwrap_or_else(|| panic!("{path} was fetched"))
+    };
+    let (vehicles, stations) = (last(&vehicles, "/vehicles"), last(&stations, "/stations"));
+    assert_eq!(vehicles["headers"]["x-gatehouse-client-id"], "demo-mobile");
+    assert_eq!(stations["headers"]["x-gatehouse-client-id"], "demo-mobile");
+    assert!(vehicles["headers"]["x-request-id"].is_string());
+    assert_eq!(
+        vehicles["headers"]["x-request-id"],
+        stations["headers"]["x-request-id"]
+    );
+    assert!(
+        vehicles["headers"].get("authorization").is_none(),
+        "the token stays at the edge"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_part_is_reported_and_the_rest_still_arrives() {
+    let _serial = serial().await;
+    let token = token(WEB).await;
+    let counted = counters().await;
+
+    let response = get(reqwest::Method::GET, "/overview/degraded", &token, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(&response, "x-gatehouse-partial").as_deref(),
+        Some("stations")
+    );
+    let body = checked_json(response).await;
+
+    assert_eq!(body["vehicles"]["count"], 3);
+    assert!(body.get("stations").is_none(), "{body}");
+    let reason = body["partial_failures"]["stations"]
+        .as_str()
+        .expect("a reason");
+    assert!(reason.contains("timed out"), "{reason}");
+    assert_eq!(counter_delta(&counted, "composite_backend_failed").await, 1);
+}
+
+#[tokio::test]
+async fn a_top_level_composite_merges_fields_with_the_first_part_winning() {
+    let _serial = serial().await;
+    let token = token(WEB).await;
+
+    let body = json_as("/overview/flat", &token, None).await;
+    assert_eq!(body["id"], "v-1", "the vehicle came first");
+    assert_eq!(body["model"], "Atlas E7");
+    assert_eq!(body["name"], "Alexanderplatz Garage");
+    assert!(body["connectors"].is_array(), "{body}");
 }

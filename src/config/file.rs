@@ -42,6 +42,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileSection>,
 
+    /// Where composite routes fetch their parts.
+    #[serde(default)]
+    pub composite: Option<CompositeSection>,
+
     /// Per-client settings, keyed by OAuth2 client id.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientSection>,
@@ -219,6 +223,59 @@ impl Default for ReshapeSection {
     }
 }
 
+/// `composite:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompositeSection {
+    /// Base URL of the loopback-only Envoy listener the parts are fetched
+    /// through, so they get Envoy's clusters, TLS and retries.
+    pub upstream: Spanned<String>,
+}
+
+/// `routes[].composite:` the route is answered by Gatehouse from several
+/// services' JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCompositeSection {
+    /// `keyed` puts each part under its key; `top_level` merges the parts'
+    /// top-level fields, earlier parts winning.
+    #[serde(default)]
+    pub merge: MergeMode,
+
+    /// The parts, fetched in parallel.
+    pub parts: Spanned<Vec<PartSection>>,
+}
+
+/// How a composite's parts become one body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    /// `{"<key>": <part>, ...}`.
+    #[default]
+    Keyed,
+    /// The parts' fields side by side in one object.
+    TopLevel,
+}
+
+/// One part of a composite.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartSection {
+    /// The part's name: its key in a keyed merge, and in failure reports.
+    pub key: String,
+
+    /// Path and query on the composite upstream.
+    pub path: Spanned<String>,
+
+    /// How long this part may take, in milliseconds.
+    #[serde(default = "default_part_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_part_timeout() -> u64 {
+    300
+}
+
 /// One entry of `profiles:`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +340,10 @@ pub struct RouteSection {
     /// Request headers changed on the way upstream.
     #[serde(default)]
     pub request_headers: RequestHeadersSection,
+
+    /// Answer this route from several services (see `composite:`).
+    #[serde(default)]
+    pub composite: Option<RouteCompositeSection>,
 }
 
 /// `routes[].request_headers:` values may hold `{request_id}`, `{route}`,

@@ -19,7 +19,7 @@ use jsonwebtoken::Algorithm;
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
-pub use file::{FailureMode, LogFormat};
+pub use file::{FailureMode, LogFormat, MergeMode};
 use file::{FileConfig, RouteSection};
 
 use crate::reshape::Step;
@@ -206,7 +206,35 @@ pub struct Route {
     pub profile: Option<String>,
     /// Request headers changed on the way upstream.
     pub request_headers: RequestHeaders,
+    /// Set when Gatehouse answers the route from several services.
+    pub composite: Option<Arc<Composite>>,
 }
+
+/// A route answered from several services' JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Composite {
+    /// How the parts become one body.
+    pub merge: MergeMode,
+    /// The parts, fetched in parallel.
+    pub parts: Vec<Part>,
+    /// The longest part timeout: the whole composite's budget.
+    pub budget: Duration,
+}
+
+/// One service call of a composite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Key in the merged body and in failure reports.
+    pub key: String,
+    /// The full URL on the composite upstream.
+    pub url: String,
+    /// How long the call may take.
+    pub timeout: Duration,
+}
+
+/// Composite parts may not take longer than this: Envoy's ext_proc
+/// `max_message_timeout` in `envoy/envoy.yaml` must stay above it.
+pub const MAX_PART_TIMEOUT: Duration = Duration::from_millis(1500);
 
 impl Config {
     /// Reads, expands, validates and compiles the file at `path`.
@@ -468,7 +496,21 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         .collect();
 
     let profile_names: HashSet<String> = raw.profiles.keys().cloned().collect();
-    let routes = compile_routes(raw.routes, &rate_limits, &profile_names, &mut problems);
+    let upstream = raw.composite.map(|section| {
+        check_url(
+            &section.upstream,
+            &["http", "https"],
+            "composite.upstream",
+            &mut problems,
+        );
+        section.upstream.value.trim_end_matches('/').to_owned()
+    });
+    let context = RouteContext {
+        rate_limits: &rate_limits,
+        profiles: &profile_names,
+        upstream: upstream.as_deref(),
+    };
+    let routes = compile_routes(raw.routes, &context, &mut problems);
     let route_names: HashSet<&str> = routes.iter().map(|route| route.name.as_str()).collect();
 
     let mut profiles = HashMap::new();
@@ -598,12 +640,19 @@ fn compile_provider(raw: file::ProviderSection, problems: &mut Problems) -> Prov
     }
 }
 
+/// What routes may refer to.
+struct RouteContext<'a> {
+    rate_limits: &'a HashMap<String, Arc<RateLimitPolicy>>,
+    profiles: &'a HashSet<String>,
+    upstream: Option<&'a str>,
+}
+
 fn compile_routes(
     raw: Vec<RouteSection>,
-    rate_limits: &HashMap<String, Arc<RateLimitPolicy>>,
-    profiles: &HashSet<String>,
+    context: &RouteContext<'_>,
     problems: &mut Problems,
 ) -> Vec<Route> {
+    let (rate_limits, profiles) = (context.rate_limits, context.profiles);
     let mut names = HashSet::new();
     let mut routes = Vec::with_capacity(raw.len());
 
@@ -665,7 +714,12 @@ fn compile_routes(
         let request_headers =
             compile_request_headers(section.request_headers, &key("request_headers"), problems);
 
+        let composite = section.composite.map(|composite| {
+            compile_composite(composite, context.upstream, &key("composite"), problems)
+        });
+
         routes.push(Route {
+            composite,
             name: section.name.value,
             prefix,
             methods,
@@ -678,6 +732,64 @@ fn compile_routes(
     }
 
     routes
+}
+
+fn compile_composite(
+    raw: file::RouteCompositeSection,
+    upstream: Option<&str>,
+    key: &str,
+    problems: &mut Problems,
+) -> Arc<Composite> {
+    let location = Some(&raw.parts.referenced);
+    if upstream.is_none() {
+        let message = "a composite route needs the top-level composite.upstream";
+        problems.add(location, key, message);
+    }
+    if raw.parts.value.is_empty() {
+        problems.add(
+            location,
+            format!("{key}.parts"),
+            "at least one part is required",
+        );
+    }
+
+    let mut keys = HashSet::new();
+    let mut parts = Vec::new();
+    for (index, part) in raw.parts.value.into_iter().enumerate() {
+        let part_key = format!("{key}.parts[{index}]");
+        if !keys.insert(part.key.clone()) {
+            problems.add(location, format!("{part_key}.key"), "duplicate part key");
+        }
+        if !part.path.value.starts_with('/') {
+            let message = "must start with '/'";
+            problems.add(
+                Some(&part.path.referenced),
+                format!("{part_key}.path"),
+                message,
+            );
+        }
+        let timeout = Duration::from_millis(part.timeout_ms);
+        if timeout.is_zero() || timeout > MAX_PART_TIMEOUT {
+            let message = format!("must be between 1 and {} ms", MAX_PART_TIMEOUT.as_millis());
+            problems.add(location, format!("{part_key}.timeout_ms"), message);
+        }
+        parts.push(Part {
+            key: part.key,
+            url: format!("{}{}", upstream.unwrap_or_default(), part.path.value),
+            timeout,
+        });
+    }
+
+    let budget = parts
+        .iter()
+        .map(|part| part.timeout)
+        .max()
+        .unwrap_or_default();
+    Arc::new(Composite {
+        merge: raw.merge,
+        parts,
+        budget,
+    })
 }
 
 fn compile_reshape(raw: file::ReshapeSection, problems: &mut Problems) -> ReshapeLimits {

@@ -6,6 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -16,8 +17,11 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
-    ProcessingRequest, ProcessingResponse, body_mutation, processing_request, processing_response,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, body_mutation, processing_request,
+    processing_response,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -27,10 +31,15 @@ use tracing::Instrument;
 
 use super::METADATA_NAMESPACE;
 use super::authz::metadata_from_struct;
+use crate::composite;
+use crate::config::Composite;
 use crate::decision::Metadata;
 use crate::metrics::Counter;
 use crate::shaping::{self, Plan, ResponseHead};
 use crate::state::{Runtime, State};
+
+/// Time on top of a composite's slowest part for merging and answering.
+const COMPOSITE_MARGIN: Duration = Duration::from_millis(250);
 
 /// Serves Envoy's ext_proc filter.
 pub struct ProcessorService {
@@ -70,7 +79,16 @@ impl ExternalProcessor for ProcessorService {
                     // Envoy resets the stream once the HTTP exchange is over;
                     // that ends the loop and is not an error worth logging.
                     let Ok(message) = message else { break };
-                    let reply = exchange.handle(message);
+                    exchange.read_metadata(&message);
+
+                    // A composite takes longer than Envoy's usual message
+                    // timeout: raise it before starting on the parts.
+                    if let Some(raise) = exchange.raise_timeout(&message)
+                        && tx.send(Ok(raise)).await.is_err()
+                    {
+                        break;
+                    }
+                    let reply = exchange.handle(message).await;
                     if tx.send(Ok(reply)).await.is_err() {
                         break;
                     }
@@ -91,13 +109,98 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
+    /// Takes Check's decision from the message's metadata, when present.
+    fn read_metadata(&mut self, message: &ProcessingRequest) {
         if let Some(context) = &message.metadata_context
             && let Some(decided) = context.filter_metadata.get(METADATA_NAMESPACE)
         {
             self.metadata = metadata_from_struct(decided);
         }
+    }
 
+    /// The composite this request is answered by, if any.
+    fn composite_route(&self) -> Option<Arc<Composite>> {
+        let route = self.runtime.config.route(self.metadata.route.as_deref()?)?;
+        route.composite.clone()
+    }
+
+    /// For a composite's request headers, a message that raises Envoy's
+    /// message timeout to the composite's budget; its max_message_timeout
+    /// bounds the raise.
+    fn raise_timeout(&self, message: &ProcessingRequest) -> Option<ProcessingResponse> {
+        if !matches!(
+            message.request,
+            Some(processing_request::Request::RequestHeaders(_))
+        ) {
+            return None;
+        }
+        let budget = self.composite_route()?.budget + COMPOSITE_MARGIN;
+
+        Some(ProcessingResponse {
+            override_message_timeout: Some(ProtoDuration {
+                seconds: i64::try_from(budget.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(budget.subsec_nanos()).unwrap_or_default(),
+            }),
+            ..ProcessingResponse::default()
+        })
+    }
+
+    async fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
+        if let Some(processing_request::Request::RequestHeaders(headers)) = &message.request
+            && let Some(reply) = self.composite(headers).await
+        {
+            return reply;
+        }
+        self.handle_one(message)
+    }
+
+    /// Answers a composite route from its parts, or `None` when the route is
+    /// not a composite and the request goes upstream as usual.
+    async fn composite(&self, headers: &HttpHeaders) -> Option<ProcessingResponse> {
+        let composite = self.composite_route()?;
+
+        // The caller's identity, as Check set it, and the request id go to
+        // every part, so the services see who asked.
+        let forward: Vec<(String, String)> = headers
+            .headers
+            .as_ref()
+            .map(|map| map.headers.iter().map(header_pair).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(name, _)| name == "x-request-id" || name.starts_with("x-gatehouse-"))
+            .collect();
+
+        let steps = shaping::steps_for(&self.runtime, &self.metadata);
+        let max_body_bytes = self.runtime.config.reshape.max_body_bytes;
+        let answer = composite::answer(&composite, &forward, &steps, max_body_bytes).await;
+        tracing::debug!(request.id = %self.metadata.request_id, http.status = answer.status, "composite answered");
+
+        let mut set_headers = vec![set_header("content-type", "application/json")];
+        for (name, value) in &answer.headers {
+            set_headers.push(set_header(name, value));
+        }
+        if let Some(vary) = &self.metadata.vary {
+            set_headers.push(append_header("vary", vary));
+        }
+        let immediate = ImmediateResponse {
+            status: Some(HttpStatus {
+                code: i32::from(answer.status),
+            }),
+            headers: Some(HeaderMutation {
+                set_headers,
+                remove_headers: Vec::new(),
+            }),
+            body: answer.body,
+            grpc_status: None,
+            details: "gatehouse_composite".to_owned(),
+        };
+
+        Some(reply(processing_response::Response::ImmediateResponse(
+            immediate,
+        )))
+    }
+
+    fn handle_one(&mut self, message: ProcessingRequest) -> ProcessingResponse {
         match message.request {
             Some(processing_request::Request::ResponseHeaders(headers)) => {
                 self.response_headers(&headers)

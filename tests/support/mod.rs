@@ -416,7 +416,12 @@ pub struct EnvoyPorts {
     pub listener: u16,
     /// Envoy's admin interface.
     pub admin: u16,
+    /// The loopback listener composite parts are fetched through.
+    pub parts: u16,
 }
+
+/// The fixed port of Envoy's loopback listener for composite parts.
+pub const COMPOSITE_PARTS_PORT: u16 = 10002;
 
 /// `envoy/envoy.yaml` with its fixed ports replaced by these.
 pub fn render_envoy_config(
@@ -426,11 +431,31 @@ pub fn render_envoy_config(
     vehicles: u16,
     stations: u16,
 ) -> String {
+    render_envoy_config_with_parts(
+        listener,
+        admin,
+        gatehouse,
+        vehicles,
+        stations,
+        COMPOSITE_PARTS_PORT,
+    )
+}
+
+/// As [`render_envoy_config`], with the composite parts listener on `parts`.
+pub fn render_envoy_config_with_parts(
+    listener: u16,
+    admin: u16,
+    gatehouse: u16,
+    vehicles: u16,
+    stations: u16,
+    parts: u16,
+) -> String {
     let template =
         fs::read_to_string(root().join("envoy/envoy.yaml")).expect("read envoy/envoy.yaml");
 
     let mut rendered = template;
     for (fixed, port) in [
+        (COMPOSITE_PARTS_PORT, parts),
         (10000, listener),
         (9901, admin),
         (50051, gatehouse),
@@ -456,16 +481,33 @@ pub fn envoy(
     stations: u16,
     listener: Option<u16>,
 ) -> (Proc, EnvoyPorts) {
+    envoy_with_parts(dir, gatehouse, vehicles, stations, listener, free_port())
+}
+
+/// As [`envoy`], with the composite parts listener on `parts`.
+pub fn envoy_with_parts(
+    dir: &Path,
+    gatehouse: u16,
+    vehicles: u16,
+    stations: u16,
+    listener: Option<u16>,
+    parts: u16,
+) -> (Proc, EnvoyPorts) {
     let ports = EnvoyPorts {
         listener: listener.unwrap_or_else(free_port),
         admin: free_port(),
+        parts,
     };
     let config = dir.join("envoy.yaml");
-    fs::write(
-        &config,
-        render_envoy_config(ports.listener, ports.admin, gatehouse, vehicles, stations),
-    )
-    .expect("write the rendered envoy config");
+    let rendered = render_envoy_config_with_parts(
+        ports.listener,
+        ports.admin,
+        gatehouse,
+        vehicles,
+        stations,
+        parts,
+    );
+    fs::write(&config, rendered).expect("write the rendered envoy config");
 
     let binary = envoy_binary();
     let config_arg = config.display().to_string();
@@ -570,15 +612,21 @@ impl Stack {
             grpc: free_port(),
             admin: free_port(),
         };
-        let env = gatehouse_env(ports, provider_port, redis_port);
+        let parts = free_port();
+        let mut env = gatehouse_env(ports, provider_port, redis_port);
+        env.push((
+            "GATEHOUSE_COMPOSITE_UPSTREAM".into(),
+            format!("http://127.0.0.1:{parts}"),
+        ));
         let (gatehouse, gatehouse_ports) = gatehouse(dir.path(), config, &env, false);
 
-        let (envoy, envoy_ports) = envoy(
+        let (envoy, envoy_ports) = envoy_with_parts(
             dir.path(),
             gatehouse_ports.grpc,
             vehicles_port,
             stations_port,
             fixed.envoy,
+            parts,
         );
 
         Self {
