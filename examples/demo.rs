@@ -57,6 +57,50 @@ async fn main() {
         show(&format!("GET /vehicles/v-1 as {}", client.0), response).await;
     }
 
+    // The web client may also ask for the mobile shape; a partner asking
+    // for the web shape keeps its own.
+    for (client, asked) in [(WEB, "mobile"), (PARTNER, "web")] {
+        let token = support::token(&stack.token_endpoint(), client, scope).await;
+        let response = http
+            .get(stack.url("/vehicles/v-1"))
+            .bearer_auth(&token)
+            .header("x-client-type", asked)
+            .send()
+            .await
+            .expect("request");
+        let title = format!(
+            "GET /vehicles/v-1 as {} with x-client-type: {asked}",
+            client.0
+        );
+        show(&title, response).await;
+    }
+
+    let token = support::token(&stack.token_endpoint(), PARTNER, scope).await;
+    let response = http
+        .get(stack.url("/vehicles/v-1?fields=id,battery.soc"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    show(
+        "GET /vehicles/v-1?fields=id,battery.soc as demo-partner",
+        response,
+    )
+    .await;
+
+    let token = support::token(&stack.token_endpoint(), MOBILE, scope).await;
+    let response = http
+        .get(stack.url("/overview"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    show(
+        "GET /overview as demo-mobile (vehicles and stations in one answer)",
+        response,
+    )
+    .await;
+
     let token = support::token(&stack.token_endpoint(), WEB, scope).await;
     for n in 1..=6 {
         let response = http
@@ -101,6 +145,8 @@ async fn show(title: &str, response: reqwest::Response) {
         "retry-after",
         "ratelimit",
         "content-length",
+        "vary",
+        "x-gatehouse-partial",
     ];
     let headers: Vec<String> = interesting
         .iter()
