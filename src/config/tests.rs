@@ -230,3 +230,92 @@ fn bad_reshape_path_is_refused_at_load() {
     assert!(err.contains("a..b"), "{err}");
     assert!(err.contains("profiles.mobile.routes.vehicles"), "{err}");
 }
+
+// === profiles, request headers and composites ===
+
+#[test]
+fn allowed_profiles_must_exist() {
+    let text = GOOD.replace(
+        "    profile: mobile\n",
+        "    profile: mobile\n    allowed_profiles: [tablet]\n",
+    );
+    let message = problems(&text);
+
+    assert!(
+        message.contains("clients.demo-mobile.allowed_profiles[0]: no profile named \"tablet\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn request_headers_refuse_managed_names_and_unknown_placeholders() {
+    let text = GOOD.replace(
+        "    rate_limit: standard\n",
+        "    rate_limit: standard\n    request_headers:\n      set: {authorization: x, x-who: \"{user}\"}\n      remove: [\"bad name\"]\n",
+    );
+    let message = problems(&text);
+
+    assert!(
+        message
+            .contains("routes[0].request_headers.set: \"authorization\" is managed by Gatehouse"),
+        "{message}"
+    );
+    assert!(
+        message.contains("unknown placeholder \"{user}\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"bad name\" is not a valid header name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn request_headers_and_composites_compile() {
+    let text = GOOD
+        .replace(
+            "    rate_limit: standard\n",
+            "    rate_limit: standard\n    request_headers:\n      add: {X-Profile: \"{profile}\"}\n      remove: [x-debug]\n    composite:\n      merge: top_level\n      parts:\n        - {key: a, path: /a, timeout_ms: 900}\n        - {key: b, path: /b}\n",
+        )
+        .replace("profiles:\n", "composite:\n  upstream: http://127.0.0.1:10002/\nprofiles:\n");
+    let config = load(&text, &[("REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
+
+    let route = config.route("vehicles").expect("route");
+    let headers = &route.request_headers;
+    assert_eq!(
+        headers.add,
+        vec![("x-profile".to_owned(), "{profile}".to_owned())]
+    );
+    assert_eq!(headers.remove, vec!["x-debug".to_owned()]);
+
+    let composite = route.composite.as_ref().expect("composite");
+    assert_eq!(composite.parts[0].url, "http://127.0.0.1:10002/a");
+    assert_eq!(composite.parts[1].timeout.as_millis(), 300);
+    assert_eq!(composite.budget.as_millis(), 900);
+}
+
+#[test]
+fn composites_need_an_upstream_and_sane_parts() {
+    let text = GOOD.replace(
+        "    rate_limit: standard\n",
+        "    rate_limit: standard\n    composite:\n      parts:\n        - {key: a, path: a, timeout_ms: 5000}\n        - {key: a, path: /b}\n",
+    );
+    let message = problems(&text);
+
+    assert!(
+        message.contains("needs the top-level composite.upstream"),
+        "{message}"
+    );
+    assert!(
+        message.contains("routes[0].composite.parts[0].path: must start with '/'"),
+        "{message}"
+    );
+    assert!(
+        message.contains("parts[0].timeout_ms: must be between 1 and 1500 ms"),
+        "{message}"
+    );
+    assert!(
+        message.contains("parts[1].key: duplicate part key"),
+        "{message}"
+    );
+}
