@@ -62,7 +62,10 @@ pub fn choose(config: &Config, route: &Route, asked: Asked<'_>) -> Choice {
     let profile = match picked {
         Some(name) if allowed.contains(&name) => Some(name.to_owned()),
         Some(_) => {
-            tracing::debug!(client.id = ?asked.client_id, "profile header names a profile this client may not use; ignored");
+            tracing::debug!(
+                client.id = ?asked.client_id,
+                "profile header names a profile this client may not use; ignored",
+            );
             base
         }
         None => base,

@@ -87,15 +87,27 @@ pub fn plan(
         match reason {
             PassReason::Size => {
                 Counter::PassedTooLarge.inc();
-                tracing::info!(request.id = %metadata.request_id, reshape.skip = ?reason, "response body is larger than the reshape limit; passing it unchanged");
+                tracing::info!(
+                    request.id = %metadata.request_id,
+                    reshape.skip = ?reason,
+                    "response body is larger than the reshape limit; passing it unchanged",
+                );
             }
             PassReason::Encoded => {
                 Counter::PassedEncoded.inc();
-                tracing::info!(request.id = %metadata.request_id, reshape.skip = ?reason, "response body is in an encoding Gatehouse does not decode; passing it unchanged");
+                tracing::info!(
+                    request.id = %metadata.request_id,
+                    reshape.skip = ?reason,
+                    "response body is in an encoding not decoded here; passing it unchanged",
+                );
             }
             PassReason::NotJson if has_steps(runtime, metadata) => {
                 Counter::PassedNotJson.inc();
-                tracing::info!(request.id = %metadata.request_id, reshape.skip = ?reason, "response body is not JSON; passing it unchanged");
+                tracing::info!(
+                    request.id = %metadata.request_id,
+                    reshape.skip = ?reason,
+                    "response body is not JSON; passing it unchanged",
+                );
             }
             _ => {}
         }
@@ -185,7 +197,11 @@ fn decide(
 pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8>> {
     if body.len() as u64 > plan.max_body_bytes {
         Counter::PassedTooLarge.inc();
-        tracing::info!(request.id = %request_id, body.bytes = body.len(), "response body is larger than the reshape limit; passing it unchanged");
+        tracing::info!(
+            request.id = %request_id,
+            body.bytes = body.len(),
+            "response body is larger than the reshape limit; passing it unchanged",
+        );
         return None;
     }
 
@@ -199,7 +215,11 @@ pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8
                     encoding::DecodeError::Corrupt(_) => Counter::PassedEncoded,
                 };
                 counter.inc();
-                tracing::info!(request.id = %request_id, error = %err, "gzip response body cannot be reshaped; passing it unchanged");
+                tracing::info!(
+                    request.id = %request_id,
+                    error = %err,
+                    "gzip response body cannot be reshaped; passing it unchanged",
+                );
                 return None;
             }
         },
@@ -210,7 +230,11 @@ pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8
         Ok(reshaped) => reshaped,
         Err(err) => {
             Counter::PassedNotJson.inc();
-            tracing::info!(request.id = %request_id, error = %err, "response body is not valid JSON; passing it unchanged");
+            tracing::info!(
+                request.id = %request_id,
+                error = %err,
+                "response body is not valid JSON; passing it unchanged",
+            );
             return None;
         }
     };
@@ -220,7 +244,11 @@ pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8
         Encoding::Gzip => match encoding::gzip(&reshaped) {
             Ok(encoded) => encoded,
             Err(err) => {
-                tracing::warn!(request.id = %request_id, error = %err, "reshaped body could not be gzipped; passing the original");
+                tracing::warn!(
+                    request.id = %request_id,
+                    error = %err,
+                    "reshaped body could not be gzipped; passing the original",
+                );
                 return None;
             }
         },

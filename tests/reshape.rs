@@ -55,7 +55,11 @@ const OPERATION_PROFILES: &str = r#"
   op-defaults:
     routes:
       vehicles:
-        - defaults: {"items[].fleet": private, fleet: private, "items[].internal_notes": none, internal_notes: none}
+        - defaults:
+            "items[].fleet": private
+            fleet: private
+            "items[].internal_notes": none
+            internal_notes: none
   op-convert:
     routes:
       vehicles:
@@ -524,6 +528,31 @@ async fn reshaped_bodies_drop_the_etag_and_head_is_never_reshaped() {
         Some(full.len().to_string())
     );
     assert_eq!(counter_delta(&counted, "reshape_buffered").await, 0);
+}
+
+#[tokio::test]
+async fn partial_and_not_modified_responses_are_never_reshaped() {
+    let _serial = serial().await;
+    let mobile = token(MOBILE).await;
+    let counted = counters().await;
+
+    let (_, direct_partial) = direct("/vehicles/partial").await;
+    let partial = get(reqwest::Method::GET, "/vehicles/partial", &mobile, None).await;
+    assert_eq!(partial.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(header(&partial, "content-range").is_some());
+    let through = partial.bytes().await.expect("body");
+    assert_eq!(through.as_ref(), direct_partial.as_slice());
+
+    let not_modified = reqwest::Client::new()
+        .get(stack().url("/vehicles"))
+        .bearer_auth(&mobile)
+        .header("if-none-match", "\"list-v1\"")
+        .send()
+        .await
+        .expect("conditional request");
+    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(counter_delta(&counted, "reshape_buffered").await, 0);
+    assert_eq!(counter_delta(&counted, "reshape_skipped").await, 2);
 }
 
 // === encodings and sizes ===

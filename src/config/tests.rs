@@ -251,7 +251,11 @@ fn allowed_profiles_must_exist() {
 fn request_headers_refuse_managed_names_and_unknown_placeholders() {
     let text = GOOD.replace(
         "    rate_limit: standard\n",
-        "    rate_limit: standard\n    request_headers:\n      set: {authorization: x, x-who: \"{user}\"}\n      remove: [\"bad name\"]\n",
+        r#"    rate_limit: standard
+    request_headers:
+      set: {authorization: x, x-who: "{user}"}
+      remove: ["bad name"]
+"#,
     );
     let message = problems(&text);
 
@@ -275,9 +279,21 @@ fn request_headers_and_composites_compile() {
     let text = GOOD
         .replace(
             "    rate_limit: standard\n",
-            "    rate_limit: standard\n    request_headers:\n      add: {X-Profile: \"{profile}\"}\n      remove: [x-debug]\n    composite:\n      merge: top_level\n      parts:\n        - {key: a, path: /a, timeout_ms: 900}\n        - {key: b, path: /b}\n",
+            r#"    rate_limit: standard
+    request_headers:
+      add: {X-Profile: "{profile}"}
+      remove: [x-debug]
+    composite:
+      merge: top_level
+      parts:
+        - {key: a, path: /a, timeout_ms: 900}
+        - {key: b, path: /b}
+"#,
         )
-        .replace("profiles:\n", "composite:\n  upstream: http://127.0.0.1:10002/\nprofiles:\n");
+        .replace(
+            "profiles:\n",
+            "composite:\n  upstream: http://127.0.0.1:10002/\nprofiles:\n",
+        );
     let config = load(&text, &[("REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
 
     let route = config.route("vehicles").expect("route");
@@ -298,7 +314,12 @@ fn request_headers_and_composites_compile() {
 fn composites_need_an_upstream_and_sane_parts() {
     let text = GOOD.replace(
         "    rate_limit: standard\n",
-        "    rate_limit: standard\n    composite:\n      parts:\n        - {key: a, path: a, timeout_ms: 5000}\n        - {key: a, path: /b}\n",
+        r#"    rate_limit: standard
+    composite:
+      parts:
+        - {key: a, path: a, timeout_ms: 5000}
+        - {key: a, path: /b}
+"#,
     );
     let message = problems(&text);
 

@@ -173,7 +173,11 @@ impl Exchange {
         let steps = shaping::steps_for(&self.runtime, &self.metadata);
         let max_body_bytes = self.runtime.config.reshape.max_body_bytes;
         let answer = composite::answer(&composite, &forward, &steps, max_body_bytes).await;
-        tracing::debug!(request.id = %self.metadata.request_id, http.status = answer.status, "composite answered");
+        tracing::debug!(
+            request.id = %self.metadata.request_id,
+            http.status = answer.status,
+            "composite answered",
+        );
 
         let mut set_headers = vec![set_header("content-type", "application/json")];
         for (name, value) in &answer.headers {
@@ -300,7 +304,10 @@ impl Exchange {
             shaping::reshape_body(&plan, body, &self.metadata.request_id)
         } else {
             Counter::PassedTooLarge.inc();
-            tracing::info!(request.id = %self.metadata.request_id, "response body outgrew the buffer; passing it unchanged");
+            tracing::info!(
+                request.id = %self.metadata.request_id,
+                "response body outgrew the buffer; passing it unchanged",
+            );
             return body_reply(None);
         };
 

@@ -214,8 +214,20 @@ function makeHandler(name) {
 
     switch (rest) {
       case '': {
+        const etag = '"list-v1"';
+        if (req.headers['if-none-match'] === etag) {
+          res.writeHead(304, { etag });
+          return res.end();
+        }
         const items = DATA[name];
-        return sendJson(res, 200, { items, count: items.length }, { etag: '"list-v1"' });
+        return sendJson(res, 200, { items, count: items.length }, { etag });
+      }
+      case 'partial': {
+        // A range of a JSON document is not JSON a profile could apply to.
+        const json = JSON.stringify({ items: DATA[name] });
+        const part = json.slice(0, 40);
+        const range = `bytes 0-${part.length - 1}/${json.length}`;
+        return send(res, 206, 'application/json', part, { 'content-range': range });
       }
       case 'gzip': {
         const items = DATA[name];
