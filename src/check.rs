@@ -164,14 +164,13 @@ fn sparse_fieldset(runtime: &Runtime, path: &str) -> Result<Option<String>, Refu
 fn route_headers(route: &Route, allow: &mut Allow) {
     let metadata = &allow.metadata;
     let fill = |value: &str| {
-        value
-            .replace("{request_id}", &metadata.request_id)
-            .replace("{route}", &route.name)
-            .replace(
-                "{client_id}",
-                metadata.client_id.as_deref().unwrap_or_default(),
-            )
-            .replace("{profile}", metadata.profile.as_deref().unwrap_or_default())
+        fill_placeholders(value, |name| match name {
+            "{request_id}" => Some(metadata.request_id.as_str()),
+            "{route}" => Some(route.name.as_str()),
+            "{client_id}" => Some(metadata.client_id.as_deref().unwrap_or_default()),
+            "{profile}" => Some(metadata.profile.as_deref().unwrap_or_default()),
+            _ => None,
+        })
     };
 
     let headers = &route.request_headers;
@@ -188,6 +187,26 @@ fn route_headers(route: &Route, allow: &mut Allow) {
     allow.set_headers.extend(set);
     allow.add_headers.extend(add);
     allow.remove_headers.extend(headers.remove.iter().cloned());
+}
+
+/// Replaces each `{name}` that `lookup` knows in one pass, so a value
+/// filled in is never read again for placeholders.
+fn fill_placeholders<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let end = tail.find('}').map(|end| end + 1).unwrap_or(tail.len());
+        match lookup(&tail[..end]) {
+            Some(value) => out.push_str(value),
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Counts the request against the route's policy and returns the headers
@@ -220,5 +239,24 @@ async fn limit(
                 })
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_placeholders;
+
+    #[test]
+    fn placeholders_are_filled_once() {
+        let lookup = |name: &str| match name {
+            "{request_id}" => Some("{profile}"),
+            "{profile}" => Some("mobile"),
+            _ => None,
+        };
+
+        assert_eq!(
+            fill_placeholders("{request_id}/{profile}/{other}/{", lookup),
+            "{profile}/mobile/{other}/{"
+        );
     }
 }
