@@ -33,6 +33,7 @@ use super::METADATA_NAMESPACE;
 use super::authz::metadata_from_struct;
 use crate::composite;
 use crate::config::Composite;
+use crate::decision::IDENTITY_HEADERS;
 use crate::decision::Metadata;
 use crate::metrics::Counter;
 use crate::shaping::{self, Plan, ResponseHead};
@@ -160,14 +161,15 @@ impl Exchange {
         let composite = self.composite_route()?;
 
         // The caller's identity, as Check set it, and the request id go to
-        // every part, so the services see who asked.
+        // every part, so the services see who asked. Only the names Check
+        // controls: a client's own x-gatehouse-whatever is not vouched for.
         let forward: Vec<(String, String)> = headers
             .headers
             .as_ref()
             .map(|map| map.headers.iter().map(header_pair).collect::<Vec<_>>())
             .unwrap_or_default()
             .into_iter()
-            .filter(|(name, _)| name == "x-request-id" || name.starts_with("x-gatehouse-"))
+            .filter(|(name, _)| name == "x-request-id" || IDENTITY_HEADERS.contains(&name.as_str()))
             .collect();
 
         let steps = shaping::steps_for(&self.runtime, &self.metadata);
