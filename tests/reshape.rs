@@ -368,7 +368,14 @@ async fn the_profile_header_picks_only_among_allowed_profiles() {
     // A partner asking for the web (or mobile) shape keeps its own.
     let partner = token(PARTNER).await;
     for asked in ["web", "mobile", "op-keep"] {
-        let body = json_as("/vehicles", &partner, Some(asked)).await;
+        let response = get(reqwest::Method::GET, "/vehicles", &partner, Some(asked)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            header(&response, "vary"),
+            None,
+            "one allowed profile: no Vary"
+        );
+        let body = checked_json(response).await;
         let first = &body["items"][0];
         assert!(
             first.get("owner").is_none() && first.get("vin").is_none(),
