@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 
+use crate::authn::{Credentials, Identity};
 use crate::authz;
-use crate::config::{FailureMode, Route};
-use crate::decision::{
-    Allow, CLIENT_ID_HEADER, Decision, IDENTITY_HEADERS, Metadata, Refusal, SUBJECT_HEADER,
-};
+use crate::config::{FailureMode, Forward, Route};
+use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
 use crate::route;
 use crate::state::Runtime;
 
@@ -51,8 +50,14 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     let identity = if route.public {
         None
     } else {
-        let authorization = request.headers.get("authorization").map(String::as_str);
-        let identity = runtime.authn.authenticate(authorization).await?;
+        let credentials = Credentials {
+            authorization: request.headers.get("authorization").map(String::as_str),
+            path: request.path,
+        };
+        let identity = runtime
+            .authn
+            .authenticate(credentials, &route.token_kinds)
+            .await?;
         span.record("client.id", identity.client_id.as_str());
         authz::authorize(route, &identity)?;
         Some(identity)
@@ -72,16 +77,13 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     // The token stops here: services behind the gateway get the identity
     // headers instead, and no client-supplied copy of those survives.
     allow.remove_headers.push("authorization".to_owned());
+    let forward = &config.tokens.forward;
     if let Some(identity) = &identity {
-        allow
-            .set_headers
-            .push((CLIENT_ID_HEADER.to_owned(), identity.client_id.clone()));
-        allow
-            .set_headers
-            .push((SUBJECT_HEADER.to_owned(), identity.subject.clone()));
+        allow.set_headers = identity_headers(forward, identity);
     }
-    for name in IDENTITY_HEADERS {
-        if !allow.set_headers.iter().any(|(set, _)| set == name) {
+    for name in IDENTITY_HEADERS.into_iter().chain(forward.names()) {
+        let set = allow.set_headers.iter().any(|(set, _)| set == name);
+        if !set && !allow.remove_headers.iter().any(|removed| removed == name) {
             allow.remove_headers.push(name.to_owned());
         }
     }
@@ -103,6 +105,37 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
 
     tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
     Ok(allow)
+}
+
+/// The identity headers `forward` names, with this identity's values.
+///
+/// A value that could not travel safely in a header (control characters,
+/// non-ASCII) is left out, and the header is then removed like any other.
+fn identity_headers(forward: &Forward, identity: &Identity) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    let mut put = |name: &Option<String>, value: String| {
+        if let Some(name) = name {
+            headers.push((name.clone(), value));
+        }
+    };
+
+    put(&forward.client_id, identity.client_id.clone());
+    put(&forward.subject, identity.subject.clone());
+    put(&forward.scopes, identity.scopes.join(" "));
+    for (claim, header) in &forward.claims {
+        if let Some(values) = identity.claim_values(claim) {
+            put(&Some(header.clone()), values.join(","));
+        }
+    }
+
+    headers.retain(|(name, value)| {
+        let safe = value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        if !safe {
+            tracing::debug!(header = %name, "identity value not forwarded: unsafe in a header");
+        }
+        safe
+    });
+    headers
 }
 
 /// Counts the request against the route's policy and returns the headers

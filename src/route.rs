@@ -44,6 +44,9 @@ mod tests {
             methods: methods.iter().map(|m| (*m).to_owned()).collect(),
             public: false,
             scopes: Vec::new(),
+            any_scopes: Vec::new(),
+            claims: Vec::new(),
+            token_kinds: vec![crate::config::TokenKind::Jwt],
             rate_limit: None,
             profile: None,
         }

@@ -6,7 +6,8 @@
 // tokens for https://api.gatehouse.test (checked by Gatehouse against /jwks)
 // and opaque ones for https://opaque.gatehouse.test (checked through
 // introspection). Tokens other than JWTs live in memory and die with the
-// process. Prints `provider ready <issuer>` once it listens.
+// process. Prints `provider ready <issuer>` once it listens. GET /__stats
+// reports how many times the key set was fetched.
 
 import { createHash, generateKeyPairSync } from 'node:crypto';
 import { existsSync, fstatSync, readFileSync, writeFileSync } from 'node:fs';
@@ -194,7 +195,20 @@ function main() {
     res.statusCode = 503;
     res.end();
   };
-  const server = createServer((req, res) => handle(req, res));
+
+  // Counts key-set fetches so tests can prove that refetches are throttled;
+  // GET /__stats reports them.
+  const stats = { jwks: 0 };
+  const server = createServer((req, res) => {
+    const path = (req.url ?? '').split('?')[0];
+    if (path === '/__stats') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(stats));
+      return;
+    }
+    if (path === '/jwks') stats.jwks += 1;
+    handle(req, res);
+  });
 
   server.on('error', (err) => fail(`cannot listen on 127.0.0.1:${port}: ${err.message}`));
   server.listen(port, '127.0.0.1', () => {
