@@ -76,14 +76,24 @@ struct Case {
     token: String,
     status: u16,
     code: &'static str,
+    /// Part of the error description, proving the refusal is for the reason
+    /// the case names.
+    why: &'static str,
 }
 
-fn case(name: &'static str, token: String, status: u16, code: &'static str) -> Case {
+fn case(
+    name: &'static str,
+    token: String,
+    status: u16,
+    code: &'static str,
+    why: &'static str,
+) -> Case {
     Case {
         name,
         token,
         status,
         code,
+        why,
     }
 }
 
@@ -144,6 +154,7 @@ fn table() -> Vec<Case> {
             },
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "alg none with a signature",
@@ -153,18 +164,21 @@ fn table() -> Vec<Case> {
             },
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "HMAC signed with the provider's public key",
             hmac_with_public_key,
             401,
             "invalid_token",
+            "algorithm is not accepted",
         ),
         case(
             "unknown kid",
             signed(&with(header.clone(), "kid", json!("no-such-key")), &claims),
             401,
             "invalid_token",
+            "unknown key",
         ),
         case(
             "kid naming a path",
@@ -174,6 +188,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "unknown key",
         ),
         case(
             "kid naming a URL",
@@ -187,6 +202,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "unknown key",
         ),
         case(
             "jku pointing elsewhere",
@@ -200,6 +216,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "unknown key",
         ),
         case(
             "embedded jwk",
@@ -213,6 +230,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "unknown key",
         ),
         case(
             "wrong iss",
@@ -222,6 +240,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "issuer is not accepted",
         ),
         case(
             "iss with a trailing slash",
@@ -231,18 +250,21 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "issuer is not accepted",
         ),
         case(
             "iss missing",
             signed(&header, &without(claims.clone(), "iss")),
             401,
             "invalid_token",
+            "issuer is not accepted",
         ),
         case(
             "aud missing",
             signed(&header, &without(claims.clone(), "aud")),
             401,
             "invalid_token",
+            "claims are invalid",
         ),
         case(
             "aud wrong",
@@ -256,6 +278,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "audience is not accepted",
         ),
         case(
             "aud array without ours",
@@ -269,6 +292,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "audience is not accepted",
         ),
         case(
             "expired",
@@ -282,54 +306,63 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "expired",
         ),
         case(
             "not yet valid",
             signed(&header, &with(claims.clone(), "nbf", json!(now() + 600))),
             401,
             "invalid_token",
+            "not valid yet",
         ),
         case(
             "issued in the future",
             signed(&header, &with(claims.clone(), "iat", json!(now() + 600))),
             401,
             "invalid_token",
+            "issued in the future",
         ),
         case(
             "exp missing",
             signed(&header, &without(claims.clone(), "exp")),
             401,
             "invalid_token",
+            "claims are invalid",
         ),
         case(
             "exp not a number",
             signed(&header, &with(claims.clone(), "exp", json!("tomorrow"))),
             401,
             "invalid_token",
+            "claims are invalid",
         ),
         case(
             "client_id missing",
             signed(&header, &without(claims.clone(), "client_id")),
             401,
             "invalid_token",
+            "claims are invalid",
         ),
         case(
             "modified payload, old signature",
             tampered,
             401,
             "invalid_token",
+            "signature is invalid",
         ),
         case(
             "signature stripped",
             format!("{good_message}."),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "payload in standard base64",
             standard_b64,
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "header not JSON",
@@ -340,45 +373,70 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "payload not JSON",
             sign_raw(&header.to_string(), "not json", &rsa, Algorithm::RS256),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "payload a JSON array",
             sign_raw(&header.to_string(), "[1,2]", &rsa, Algorithm::RS256),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "extra dot",
             format!("{good}.{good_signature}"),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
         case(
             "four parts",
             format!("{good_header_b64}.{good}"),
             401,
             "invalid_token",
+            "not a valid JWT",
         ),
-        case("one dot", good_message.to_owned(), 401, "invalid_token"),
-        case("no dots", good_header_b64.to_owned(), 401, "invalid_token"),
-        case("empty parts", "..".to_owned(), 401, "invalid_token"),
+        case(
+            "one dot",
+            good_message.to_owned(),
+            401,
+            "invalid_token",
+            "not a valid JWT",
+        ),
+        case(
+            "no dots",
+            good_header_b64.to_owned(),
+            401,
+            "invalid_token",
+            "not a valid JWT",
+        ),
+        case(
+            "empty parts",
+            "..".to_owned(),
+            401,
+            "invalid_token",
+            "not a valid JWT",
+        ),
         case(
             "duplicate claim name",
             duplicate_claim,
             401,
             "invalid_token",
+            "duplicate",
         ),
         case(
             "duplicate header name",
             duplicate_header,
             401,
             "invalid_token",
+            "duplicate",
         ),
         case(
             "unknown crit",
@@ -392,12 +450,21 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "critical",
         ),
         case(
             "empty crit",
             signed(&with(header.clone(), "crit", json!([])), &claims),
             401,
             "invalid_token",
+            "critical",
+        ),
+        case(
+            "typ of an ID token",
+            signed(&with(header.clone(), "typ", json!("id_token+jwt")), &claims),
+            401,
+            "invalid_token",
+            "not an access token",
         ),
         case(
             "9 KiB token",
@@ -407,6 +474,7 @@ fn table() -> Vec<Case> {
             ),
             401,
             "invalid_token",
+            "too large",
         ),
     ]
 }
@@ -475,6 +543,11 @@ fn assert_refused(via: &str, case: &Case, status: u16, challenge: Option<&str>, 
     let body_json: Value = serde_json::from_str(body)
         .unwrap_or_else(|_| panic!("{name} via {via}: a JSON body, got {body:?}"));
     assert_eq!(body_json["error"], case.code, "{name} via {via}: {body}");
+    let description = body_json["error_description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains(case.why),
+        "{name} via {via}: {description}"
+    );
 
     let challenge = challenge.unwrap_or_else(|| panic!("{name} via {via}: no challenge"));
     assert!(
