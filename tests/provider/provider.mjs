@@ -6,8 +6,8 @@
 // tokens for https://api.gatehouse.test (checked by Gatehouse against /jwks)
 // and opaque ones for https://opaque.gatehouse.test (checked through
 // introspection). Tokens other than JWTs live in memory and die with the
-// process. Prints `provider ready <issuer>` once it listens. GET /__stats
-// reports how many times the key set was fetched.
+// process. Prints `provider ready <issuer>` once it listens. A few test
+// controls live under /__ (see main).
 
 import { createHash, generateKeyPairSync } from 'node:crypto';
 import { existsSync, fstatSync, readFileSync, writeFileSync } from 'node:fs';
@@ -114,13 +114,16 @@ function loadKeys(file) {
   return { keys };
 }
 
+// Settings tests may change while the provider runs.
+const settings = { opaqueTtl: ACCESS_TOKEN_TTL };
+
 function resourceServer(resource) {
   const common = { scope: SCOPES, audience: resource, accessTokenTTL: ACCESS_TOKEN_TTL };
   if (resource === JWT_RESOURCE) {
     return { ...common, accessTokenFormat: 'jwt', jwt: { sign: { alg: 'RS256' } } };
   }
   if (resource === OPAQUE_RESOURCE) {
-    return { ...common, accessTokenFormat: 'opaque' };
+    return { ...common, accessTokenTTL: settings.opaqueTtl, accessTokenFormat: 'opaque' };
   }
   throw new errors.InvalidTarget();
 }
@@ -196,17 +199,38 @@ function main() {
     res.end();
   };
 
-  // Counts key-set fetches so tests can prove that refetches are throttled;
-  // GET /__stats reports them.
-  const stats = { jwks: 0 };
+  // Test controls, outside the OAuth2 surface:
+  //   GET  /__stats               how often the key set and introspection were called
+  //   POST /__delay?ms=N          answer /jwks and introspection N ms late
+  //   POST /__opaque_ttl?seconds=N  lifetime of opaque tokens issued from now on
+  const stats = { jwks: 0, introspection: 0 };
+  let delayMs = 0;
   const server = createServer((req, res) => {
-    const path = (req.url ?? '').split('?')[0];
-    if (path === '/__stats') {
+    const url = new URL(req.url ?? '/', 'http://provider.invalid');
+    const number = (name) => Number(url.searchParams.get(name) ?? 0);
+    if (url.pathname === '/__stats') {
       res.setHeader('content-type', 'application/json');
       res.end(JSON.stringify(stats));
       return;
     }
-    if (path === '/jwks') stats.jwks += 1;
+    if (url.pathname === '/__delay' && req.method === 'POST') {
+      delayMs = number('ms');
+      res.end();
+      return;
+    }
+    if (url.pathname === '/__opaque_ttl' && req.method === 'POST') {
+      settings.opaqueTtl = number('seconds') || ACCESS_TOKEN_TTL;
+      res.end();
+      return;
+    }
+
+    const slow = url.pathname === '/jwks' || url.pathname === '/token/introspection';
+    if (url.pathname === '/jwks') stats.jwks += 1;
+    if (url.pathname === '/token/introspection') stats.introspection += 1;
+    if (slow && delayMs > 0) {
+      setTimeout(() => handle(req, res), delayMs);
+      return;
+    }
     handle(req, res);
   });
 

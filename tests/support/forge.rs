@@ -205,3 +205,184 @@ pub async fn check(port: u16, method: &str, path: &str, headers: &[(&str, &str)]
         other => panic!("check answered without an allow or deny: {other:?}"),
     }
 }
+
+// === the provider's test controls ===
+
+/// The resource whose tokens are opaque.
+pub const OPAQUE_RESOURCE: &str = "https://opaque.gatehouse.test";
+
+/// A client-credentials token for `resource`.
+pub async fn token_for(port: u16, client: (&str, &str), scope: &str, resource: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/token"))
+        .basic_auth(client.0, Some(client.1))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("resource", resource),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .expect("token request");
+    assert!(
+        response.status().is_success(),
+        "token: {}",
+        response.status()
+    );
+
+    let body: serde_json::Value = response.json().await.expect("token json");
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+/// Revokes `token` as the client it was issued to (RFC 7009).
+pub async fn revoke(port: u16, client: (&str, &str), token: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/token/revocation"))
+        .basic_auth(client.0, Some(client.1))
+        .form(&[("token", token), ("token_type_hint", "access_token")])
+        .send()
+        .await
+        .expect("revocation request");
+    assert!(
+        response.status().is_success(),
+        "revoke: {}",
+        response.status()
+    );
+}
+
+/// The provider's counters: `jwks` and `introspection` calls so far.
+pub async fn provider_stats(port: u16) -> serde_json::Value {
+    reqwest::get(format!("http://127.0.0.1:{port}/__stats"))
+        .await
+        .expect("provider stats")
+        .json()
+        .await
+        .expect("stats json")
+}
+
+/// Posts to one of the provider's test controls (`/__delay?ms=N`, say).
+pub async fn provider_control(port: u16, path_and_query: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}{path_and_query}"))
+        .send()
+        .await
+        .expect("provider control");
+    assert!(response.status().is_success(), "{path_and_query}");
+}
+
+// === a Gatehouse with its own provider ===
+
+/// A provider and a Gatehouse (no Envoy, no Redis) with a config of the
+/// test's own, for tests that restart or stop the provider.
+pub struct Gate {
+    /// Gatehouse.
+    pub gatehouse: super::Proc,
+    /// The provider, while it runs.
+    pub provider: Option<super::Proc>,
+    /// Gatehouse's ports.
+    pub ports: super::GatehousePorts,
+    /// The provider's port, the same across restarts.
+    pub provider_port: u16,
+    /// The provider's key file.
+    pub keys: std::path::PathBuf,
+    /// Logs, keys and config.
+    pub dir: tempfile::TempDir,
+}
+
+impl Gate {
+    /// Starts a provider (unless `provider_up` is false) and a Gatehouse
+    /// serving `config`, in which `${GATEHOUSE_ISSUER}` names the provider.
+    pub fn start(config: &str, provider_up: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys.json");
+        let provider_port = super::free_port();
+        let provider =
+            provider_up.then(|| super::provider(dir.path(), &keys, Some(provider_port)).0);
+
+        let path = dir.path().join("gatehouse.yaml");
+        std::fs::write(&path, config).expect("write the config");
+        let ports = super::GatehousePorts {
+            grpc: super::free_port(),
+            admin: super::free_port(),
+        };
+        let env = super::gatehouse_env(ports, provider_port, super::free_port());
+        let (gatehouse, ports) = super::gatehouse(dir.path(), &path, &env, false);
+
+        Self {
+            gatehouse,
+            provider,
+            ports,
+            provider_port,
+            keys,
+            dir,
+        }
+    }
+
+    /// Stops the provider.
+    pub fn stop_provider(&mut self) {
+        drop(self.provider.take());
+    }
+
+    /// (Re)starts the provider on its port with the current key file.
+    pub fn start_provider(&mut self) {
+        self.stop_provider();
+        let (proc, _) = super::provider(self.dir.path(), &self.keys, Some(self.provider_port));
+        self.provider = Some(proc);
+    }
+
+    /// Check on `path` with `token` as a bearer token.
+    pub async fn check(&self, path: &str, token: &str) -> Checked {
+        let auth = format!("Bearer {token}");
+        check(self.ports.grpc, "GET", path, &[("authorization", &auth)]).await
+    }
+
+    /// Waits until Check on `path` with `token` answers `status`.
+    pub async fn wait_for_status(&self, path: &str, token: &str, status: u16) -> Checked {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let checked = self.check(path, token).await;
+            if checked.status == status {
+                return checked;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never got {status}; last answer {} {}",
+                checked.status,
+                checked.body
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The error description of a denial's JSON body.
+pub fn description(checked: &Checked) -> String {
+    let body: serde_json::Value = serde_json::from_str(&checked.body).unwrap_or_default();
+    body["error_description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Signs claims like the provider's for `demo-web` with `key`, as `kid`.
+pub fn sign_like_provider(issuer: &str, key: &SigningKey, kid: &str) -> String {
+    let header = serde_json::json!({ "alg": "RS256", "typ": "at+jwt", "kid": kid });
+    let claims = serde_json::json!({
+        "iss": issuer,
+        "aud": super::API_RESOURCE,
+        "sub": "demo-web",
+        "client_id": "demo-web",
+        "scope": "vehicles:read stations:read",
+        "iat": now(),
+        "exp": now() + 300,
+    });
+    sign_raw(
+        &header.to_string(),
+        &claims.to_string(),
+        &key.encoding(),
+        Algorithm::RS256,
+    )
+}
