@@ -664,9 +664,8 @@ fn raw_status(token: &str) -> Option<u16> {
 
     let mut received = Vec::new();
     let mut buf = [0_u8; 4096];
-    loop {
-        // A reset after the answer (or instead of it) ends the read.
-        let Ok(n) = stream.read(&mut buf) else { break };
+    // A reset after the answer (or instead of it) ends the read.
+    while let Ok(n) = stream.read(&mut buf) {
         if n == 0 {
             break;
         }

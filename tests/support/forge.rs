@@ -386,3 +386,14 @@ pub fn sign_like_provider(issuer: &str, key: &SigningKey, kid: &str) -> String {
         Algorithm::RS256,
     )
 }
+
+/// Signs `claims` as RS256 with `key`, naming its `kid`.
+pub fn sign_claims(key: &SigningKey, claims: &serde_json::Value) -> String {
+    let header = serde_json::json!({ "alg": "RS256", "typ": "at+jwt", "kid": key.kid });
+    sign_raw(
+        &header.to_string(),
+        &claims.to_string(),
+        &key.encoding(),
+        Algorithm::RS256,
+    )
+}
