@@ -177,9 +177,10 @@ impl Refusal {
             Self::ClaimMismatch { claim } => {
                 // RFC 6750 has no code of its own for this: the token lacks
                 // the privileges the route needs, which is insufficient_scope.
+                let claim = claim.replace('"', "'");
                 let challenge = format!(
-                    "Bearer error=\"insufficient_scope\", error_description=\"token claim {} does not satisfy the route\"",
-                    claim.replace('"', "'")
+                    "Bearer error=\"insufficient_scope\", \
+                     error_description=\"token claim {claim} does not satisfy the route\""
                 );
                 headers.push(("www-authenticate".to_owned(), challenge));
                 403

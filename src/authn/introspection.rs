@@ -106,7 +106,11 @@ impl Introspector {
 
     async fn call(&self, token: &str, endpoint: &str) -> Result<Introspected, AuthnError> {
         let unavailable = |reason: &dyn std::fmt::Display| {
-            tracing::warn!(introspection.endpoint = %endpoint, error = %reason, "introspection failed");
+            tracing::warn!(
+                introspection.endpoint = %endpoint,
+                error = %reason,
+                "introspection failed"
+            );
             AuthnError::IntrospectionUnavailable
         };
 

@@ -108,7 +108,11 @@ impl Issuer {
         }
 
         if !withdrawn.is_empty() {
-            tracing::info!(provider.issuer = %self.provider.issuer, keys.withdrawn = ?withdrawn, "signing keys withdrawn by the provider");
+            tracing::info!(
+                provider.issuer = %self.provider.issuer,
+                keys.withdrawn = ?withdrawn,
+                "signing keys withdrawn by the provider"
+            );
             let issuer = self.provider.issuer.clone();
             let dropped = self.verified.invalidate_entries_if(move |_, identity| {
                 identity.issuer == issuer
@@ -127,7 +131,12 @@ impl Issuer {
             .max_age
             .unwrap_or(self.provider.refresh)
             .clamp(low, high);
-        tracing::debug!(provider.issuer = %self.provider.issuer, keys.count = count, keys.next_refresh = ?keep, "signing keys refreshed");
+        tracing::debug!(
+            provider.issuer = %self.provider.issuer,
+            keys.count = count,
+            keys.next_refresh = ?keep,
+            "signing keys refreshed"
+        );
         Ok(keep)
     }
 
@@ -142,7 +151,11 @@ impl Issuer {
             let wait = match issuer.refresh().await {
                 Ok(keep) => keep,
                 Err(err) => {
-                    tracing::warn!(provider.issuer = %issuer.provider.issuer, error = %err, "cannot fetch signing keys; keeping the last good ones");
+                    tracing::warn!(
+                        provider.issuer = %issuer.provider.issuer,
+                        error = %err,
+                        "cannot fetch signing keys; keeping the last good ones"
+                    );
                     RETRY_AFTER_FAILURE
                 }
             };
@@ -249,7 +262,11 @@ impl Issuer {
         if !throttled {
             *last = Some(Instant::now());
             if let Err(err) = self.refresh().await {
-                tracing::warn!(provider.issuer = %self.provider.issuer, error = %err, "refetching signing keys for an unknown kid failed");
+                tracing::warn!(
+                    provider.issuer = %self.provider.issuer,
+                    error = %err,
+                    "refetching signing keys for an unknown kid failed"
+                );
             }
         }
         drop(last);

@@ -93,7 +93,8 @@ pub fn new_private_jwk() -> serde_json::Value {
         import { generateKeyPairSync, randomUUID } from 'node:crypto';
         const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
         const jwk = privateKey.export({ format: 'jwk' });
-        process.stdout.write(JSON.stringify({ ...jwk, kid: randomUUID(), alg: 'RS256', use: 'sig' }));
+        const extra = { kid: randomUUID(), alg: 'RS256', use: 'sig' };
+        process.stdout.write(JSON.stringify({ ...jwk, ...extra }));
     "#;
     serde_json::from_str(&node(script, "")).expect("a JWK from node")
 }
