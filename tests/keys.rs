@@ -17,6 +17,11 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// A Gatehouse config with one provider and the given key timings.
 fn config(refresh_seconds: u64, min_refetch_seconds: u64) -> String {
+    config_bounded(refresh_seconds, 1, refresh_seconds, min_refetch_seconds)
+}
+
+/// The same, with the bounds on `max-age` set apart.
+fn config_bounded(refresh: u64, min_refresh: u64, max_refresh: u64, min_refetch: u64) -> String {
     format!(
         "
 server:
@@ -26,10 +31,10 @@ server:
 provider:
   issuer: ${{GATEHOUSE_ISSUER}}
   audiences: [{API_RESOURCE}]
-  refresh_seconds: {refresh_seconds}
-  min_refresh_seconds: 1
-  max_refresh_seconds: {refresh_seconds}
-  min_refetch_seconds: {min_refetch_seconds}
+  refresh_seconds: {refresh}
+  min_refresh_seconds: {min_refresh}
+  max_refresh_seconds: {max_refresh}
+  min_refetch_seconds: {min_refetch}
 routes:
   - name: vehicles
     prefix: /vehicles
@@ -229,4 +234,26 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
     // The real key still works throughout.
     let token = jwt(&gate).await;
     assert_eq!(gate.check("/vehicles", &token).await.status, 200);
+}
+
+/// JWKS fetches in a few seconds by a Gatehouse whose provider says
+/// `max-age=1`, with the given bounds.
+async fn fetches_with_max_age_1(min_refresh: u64, max_refresh: u64) -> u64 {
+    let mut gate = Gate::start(&config_bounded(300, min_refresh, max_refresh, 60), false);
+    gate.start_provider_with_max_age(1);
+    wait_for_health(&gate, ServingStatus::Serving).await;
+
+    let before = jwks_fetches(&gate).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    jwks_fetches(&gate).await - before
+}
+
+#[tokio::test]
+async fn the_refresh_follows_max_age_within_the_bounds() {
+    // refresh_seconds alone would mean no fetch at all in these seconds.
+    let honoured = fetches_with_max_age_1(1, 300).await;
+    assert!(honoured >= 2, "max-age=1 gave {honoured} fetches in 4 s");
+
+    let bounded = fetches_with_max_age_1(60, 300).await;
+    assert_eq!(bounded, 0, "min_refresh_seconds holds against max-age");
 }

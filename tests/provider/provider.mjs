@@ -1,6 +1,7 @@
 // OAuth2 provider for Gatehouse's tests and local runs.
 //
 //   node tests/provider/provider.mjs --port N [--keys FILE] [--issuer URL]
+//                                    [--jwks-max-age SECONDS]
 //
 // Issues client_credentials tokens for two resource servers: JWT access
 // tokens for https://api.gatehouse.test (checked by Gatehouse against /jwks)
@@ -52,18 +53,23 @@ function parseCli() {
         port: { type: 'string' },
         keys: { type: 'string' },
         issuer: { type: 'string' },
+        'jwks-max-age': { type: 'string' },
       },
       strict: true,
     }));
   } catch (err) {
-    fail(`${err.message}\nusage: provider.mjs --port N [--keys FILE] [--issuer URL]`);
+    fail(`${err.message}\nusage: provider.mjs --port N [--keys FILE] [--issuer URL] [--jwks-max-age S]`);
   }
 
   const port = Number(values.port);
   if (values.port === undefined || !Number.isInteger(port) || port < 0 || port > 65535) {
     fail('--port N is required (0 picks a free port)');
   }
-  return { port, keysFile: values.keys, issuer: values.issuer };
+  const jwksMaxAge = values['jwks-max-age'] === undefined ? undefined : Number(values['jwks-max-age']);
+  if (jwksMaxAge !== undefined && !(Number.isInteger(jwksMaxAge) && jwksMaxAge >= 0)) {
+    fail('--jwks-max-age takes whole seconds');
+  }
+  return { port, keysFile: values.keys, issuer: values.issuer, jwksMaxAge };
 }
 
 // RFC 7638 thumbprint, so a generated key gets a stable, meaningful kid.
@@ -189,7 +195,7 @@ function exitWithParent(stop) {
 }
 
 function main() {
-  const { port, keysFile, issuer: fixedIssuer } = parseCli();
+  const { port, keysFile, issuer: fixedIssuer, jwksMaxAge } = parseCli();
   const jwks = loadKeys(keysFile);
 
   // The issuer names the port, so the provider is built once the socket is
@@ -225,7 +231,10 @@ function main() {
     }
 
     const slow = url.pathname === '/jwks' || url.pathname === '/token/introspection';
-    if (url.pathname === '/jwks') stats.jwks += 1;
+    if (url.pathname === '/jwks') {
+      stats.jwks += 1;
+      if (jwksMaxAge !== undefined) res.setHeader('cache-control', `max-age=${jwksMaxAge}`);
+    }
     if (url.pathname === '/token/introspection') stats.introspection += 1;
     if (slow && delayMs > 0) {
       setTimeout(() => handle(req, res), delayMs);

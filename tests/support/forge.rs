@@ -334,6 +334,26 @@ impl Gate {
         self.provider = Some(proc);
     }
 
+    /// (Re)starts the provider with `Cache-Control: max-age` on its JWKS.
+    pub fn start_provider_with_max_age(&mut self, seconds: u64) {
+        self.stop_provider();
+        let script = super::root().join("tests/provider/provider.mjs");
+        let args = [
+            script.display().to_string(),
+            "--port".to_owned(),
+            self.provider_port.to_string(),
+            "--keys".to_owned(),
+            self.keys.display().to_string(),
+            "--jwks-max-age".to_owned(),
+            seconds.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node = std::path::Path::new("node");
+        let mut proc = super::Proc::start("provider", self.dir.path(), node, &args, &[]);
+        proc.wait_for_log("provider ready");
+        self.provider = Some(proc);
+    }
+
     /// Check on `path` with `token` as a bearer token.
     pub async fn check(&self, path: &str, token: &str) -> Checked {
         let auth = format!("Bearer {token}");
