@@ -1,6 +1,7 @@
 //! Opaque tokens through the real Envoy, checked by introspection at the
 //! real provider: active, revoked and expired tokens, one call for many
-//! concurrent requests, a slow provider, and a route that takes both kinds.
+//! concurrent requests, a slow provider (introspection and JWKS), and a route
+//! that takes both kinds.
 //!
 //! The tests share one stack and change the provider's settings, so they
 //! take turns.
@@ -42,6 +43,12 @@ async fn introspections() -> u64 {
     forge::provider_stats(stack().provider_port).await["introspection"]
         .as_u64()
         .expect("an introspection count")
+}
+
+async fn jwks_fetches() -> u64 {
+    forge::provider_stats(stack().provider_port).await["jwks"]
+        .as_u64()
+        .expect("a jwks count")
 }
 
 async fn get(path: &str, token: &str) -> reqwest::Response {
@@ -170,7 +177,21 @@ async fn a_slow_provider_gets_a_503_from_gatehouse_before_envoy_gives_up() {
     forge::provider_control(stack().provider_port, "/__delay?ms=1500").await;
 
     let response = get("/stations", &token).await;
+
+    // A JWT with a new `kid` makes Gatehouse refetch the keys from the slow
+    // provider: the fetch gives up within its budget, and the answer is
+    // Gatehouse's own 401.
+    let keys = forge::provider_keys(&stack().dir.path().join("provider-keys.json"));
+    let issuer = format!("http://127.0.0.1:{}", stack().provider_port);
+    let stranger = forge::sign_like_provider(&issuer, &keys[0], "kid-from-the-future");
+    let fetches = jwks_fetches().await;
+    let refused = get("/vehicles", &stranger).await;
     forge::provider_control(stack().provider_port, "/__delay?ms=0").await;
+
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let (_, description) = error_of(refused).await;
+    assert!(description.contains("unknown key"), "{description}");
+    assert_eq!(jwks_fetches().await, fetches + 1, "the refetch was tried");
 
     // Envoy's own timeout answer would have no body; this one is Gatehouse's.
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -20,7 +20,8 @@ const ACCEPTED_TYPES: [&str; 4] = ["jwt", "at+jwt", "application/at+jwt", "appli
 
 /// What a JWT says about itself before anything is trusted.
 pub struct Peeked {
-    /// The unverified claims, used only to pick the provider by `iss`.
+    /// The unverified `iss`, used only to pick the provider whose rules and
+    /// keys then verify the token.
     pub issuer: Option<String>,
 }
 
