@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 
+use crate::authn::{Credentials, Identity};
 use crate::authz;
-use crate::config::{FailureMode, Route};
-use crate::decision::{
-    Allow, CLIENT_ID_HEADER, Decision, IDENTITY_HEADERS, Metadata, Refusal, SUBJECT_HEADER,
-};
+use crate::config::{FailureMode, Forward, Route};
+use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
 use crate::profile;
 use crate::reshape;
 use crate::route;
@@ -53,8 +52,14 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     let identity = if route.public {
         None
     } else {
-        let authorization = request.headers.get("authorization").map(String::as_str);
-        let identity = runtime.authn.authenticate(authorization).await?;
+        let credentials = Credentials {
+            authorization: request.headers.get("authorization").map(String::as_str),
+            path: request.path,
+        };
+        let identity = runtime
+            .authn
+            .authenticate(credentials, &route.token_kinds)
+            .await?;
         span.record("client.id", identity.client_id.as_str());
         authz::authorize(route, &identity)?;
         Some(identity)
@@ -68,7 +73,7 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     let response_headers = limit(runtime, route, &client_key).await?;
 
     let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
-    let choice = choose_profile(runtime, route, &request, client_id.as_deref());
+    let choice = choose_profile(runtime, route, &request, identity.as_deref());
 
     let mut allow = Allow {
         response_headers,
@@ -86,19 +91,15 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     // The token stops here: services behind the gateway get the identity
     // headers instead, and no client-supplied copy of those survives.
     allow.remove_headers.push("authorization".to_owned());
+    let forward = &config.tokens.forward;
     if let Some(identity) = &identity {
-        allow
-            .set_headers
-            .push((CLIENT_ID_HEADER.to_owned(), identity.client_id.clone()));
-        allow
-            .set_headers
-            .push((SUBJECT_HEADER.to_owned(), identity.subject.clone()));
+        allow.set_headers = identity_headers(forward, identity);
     }
     route_headers(route, &mut allow);
-    for name in IDENTITY_HEADERS {
-        if !allow.set_headers.iter().any(|(set, _)| set == name)
-            && !allow.add_headers.iter().any(|(added, _)| added == name)
-        {
+    for name in IDENTITY_HEADERS.into_iter().chain(forward.names()) {
+        let set = allow.set_headers.iter().any(|(set, _)| set == name)
+            || allow.add_headers.iter().any(|(added, _)| added == name);
+        if !set && !allow.remove_headers.iter().any(|removed| removed == name) {
             allow.remove_headers.push(name.to_owned());
         }
     }
@@ -112,13 +113,14 @@ fn choose_profile(
     runtime: &Runtime,
     route: &Route,
     request: &Request<'_>,
-    client_id: Option<&str>,
+    identity: Option<&Identity>,
 ) -> profile::Choice {
     let reshape = &runtime.config.reshape;
-    let claim = reshape.profile_claim.as_deref().and_then(|claim| {
-        let authorization = request.headers.get("authorization")?;
-        profile::claim_from_verified_token(authorization, claim)
-    });
+    let client_id = identity.map(|identity| identity.client_id.as_str());
+    let claim = reshape
+        .profile_claim
+        .as_deref()
+        .and_then(|claim| identity?.claim_values(claim)?.into_iter().next());
     let header = reshape
         .profile_header
         .as_ref()
@@ -240,6 +242,37 @@ async fn limit(
             }
         },
     }
+}
+
+/// The identity headers `forward` names, with this identity's values.
+///
+/// A value that could not travel safely in a header (control characters,
+/// non-ASCII) is left out, and the header is then removed like any other.
+fn identity_headers(forward: &Forward, identity: &Identity) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    let mut put = |name: &Option<String>, value: String| {
+        if let Some(name) = name {
+            headers.push((name.clone(), value));
+        }
+    };
+
+    put(&forward.client_id, identity.client_id.clone());
+    put(&forward.subject, identity.subject.clone());
+    put(&forward.scopes, identity.scopes.join(" "));
+    for (claim, header) in &forward.claims {
+        if let Some(values) = identity.claim_values(claim) {
+            put(&Some(header.clone()), values.join(","));
+        }
+    }
+
+    headers.retain(|(name, value)| {
+        let safe = value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        if !safe {
+            tracing::debug!(header = %name, "identity value not forwarded: unsafe in a header");
+        }
+        safe
+    });
+    headers
 }
 
 #[cfg(test)]

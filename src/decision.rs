@@ -15,14 +15,15 @@ use serde_json::json;
 
 use crate::authn::AuthnError;
 
-/// Identity header names Gatehouse sets on requests it allows.
+/// The default identity header names (`tokens.forward` may change them).
 ///
 /// Envoy removes each of these from incoming requests before Check runs, and
-/// Check's answer removes them again, so a client can never supply them.
+/// Check's answer removes them, and every configured forwarded name, again,
+/// so a client can never supply them.
 pub const CLIENT_ID_HEADER: &str = "x-gatehouse-client-id";
 /// See [`CLIENT_ID_HEADER`].
 pub const SUBJECT_HEADER: &str = "x-gatehouse-subject";
-/// Every identity header name, for removal.
+/// Every reserved identity header name, removed from every allowed request.
 pub const IDENTITY_HEADERS: [&str; 5] = [
     CLIENT_ID_HEADER,
     SUBJECT_HEADER,
@@ -105,6 +106,13 @@ pub enum Refusal {
         required: String,
     },
 
+    /// A claim does not satisfy the route's condition on it.
+    #[error("token claim {claim} does not satisfy the route")]
+    ClaimMismatch {
+        /// The claim's name (from the configuration, never the token).
+        claim: String,
+    },
+
     /// The client used up a rate limit.
     #[error("rate limit {policy} exceeded")]
     RateLimited {
@@ -141,6 +149,7 @@ impl Refusal {
             Self::Token(_) => "invalid_token",
             Self::InsufficientScope { .. } => "insufficient_scope",
             Self::BadFields { .. } => "invalid_request",
+            Self::ClaimMismatch { .. } => "claim_mismatch",
             Self::RateLimited { .. } => "rate_limited",
             Self::LimiterUnavailable { .. } => "temporarily_unavailable",
         }
@@ -178,6 +187,17 @@ impl Refusal {
             Self::InsufficientScope { required } => {
                 let challenge =
                     format!("Bearer error=\"insufficient_scope\", scope=\"{required}\"");
+                headers.push(("www-authenticate".to_owned(), challenge));
+                403
+            }
+            Self::ClaimMismatch { claim } => {
+                // RFC 6750 has no code of its own for this: the token lacks
+                // the privileges the route needs, which is insufficient_scope.
+                let claim = claim.replace('"', "'");
+                let challenge = format!(
+                    "Bearer error=\"insufficient_scope\", \
+                     error_description=\"token claim {claim} does not satisfy the route\""
+                );
                 headers.push(("www-authenticate".to_owned(), challenge));
                 403
             }
@@ -273,6 +293,31 @@ mod tests {
         assert_eq!(header(&deny, "retry-after"), Some("2"));
         let body: serde_json::Value = serde_json::from_str(&deny.body).expect("json body");
         assert_eq!(body["policy"], "standard");
+    }
+
+    #[test]
+    fn unavailable_introspection_is_503_with_retry_after() {
+        let deny = Refusal::Token(AuthnError::IntrospectionUnavailable).into_deny("r-5");
+
+        assert_eq!(deny.status, 503);
+        assert_eq!(header(&deny, "retry-after"), Some("1"));
+        assert!(header(&deny, "www-authenticate").is_none());
+        let body: serde_json::Value = serde_json::from_str(&deny.body).expect("json body");
+        assert_eq!(body["error"], "temporarily_unavailable");
+    }
+
+    #[test]
+    fn claim_mismatch_is_403_insufficient_scope() {
+        let deny = Refusal::ClaimMismatch {
+            claim: "tenant".to_owned(),
+        }
+        .into_deny("r-6");
+
+        assert_eq!(deny.status, 403);
+        let challenge = header(&deny, "www-authenticate").expect("challenge");
+        assert!(challenge.starts_with("Bearer error=\"insufficient_scope\""));
+        let body: serde_json::Value = serde_json::from_str(&deny.body).expect("json body");
+        assert_eq!(body["error"], "claim_mismatch");
     }
 
     #[test]

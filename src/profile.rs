@@ -6,9 +6,6 @@
 //! entry, the route's default. A client can never pick a profile it is not
 //! allowed: a partner asking for the web profile keeps its own.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-
 use crate::config::{Config, Route};
 
 /// What the request offers towards a profile choice.
@@ -72,20 +69,6 @@ pub fn choose(config: &Config, route: &Route, asked: Asked<'_>) -> Choice {
     };
 
     Choice { profile, vary }
-}
-
-/// Reads one string claim from a bearer token that authn has already
-/// verified; the signature is not checked again here.
-///
-/// TODO: take the claim from the verified identity once it carries claims
-/// other than scopes, so the payload is decoded once per request.
-pub fn claim_from_verified_token(authorization: &str, claim: &str) -> Option<String> {
-    let token = authorization.split_once(' ')?.1.trim();
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-
-    claims.get(claim)?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -198,18 +181,5 @@ routes:
             pick("vehicles", unknown_claim).profile.as_deref(),
             Some("partner")
         );
-    }
-
-    #[test]
-    fn reads_a_claim_from_the_payload() {
-        let payload = URL_SAFE_NO_PAD.encode(br#"{"app_profile":"tablet","n":1}"#);
-        let header = format!("Bearer e30.{payload}.sig");
-
-        assert_eq!(
-            claim_from_verified_token(&header, "app_profile").as_deref(),
-            Some("tablet")
-        );
-        assert_eq!(claim_from_verified_token(&header, "n"), None);
-        assert_eq!(claim_from_verified_token("Bearer x", "app_profile"), None);
     }
 }

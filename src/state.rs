@@ -17,7 +17,7 @@ use crate::ratelimit::Limiter;
 pub struct Runtime {
     /// The configuration in force.
     pub config: Arc<Config>,
-    /// Token verification for `config.provider`.
+    /// Token verification for `config.providers`.
     pub authn: Arc<Authenticator>,
     /// Rate limiting on `config.redis`.
     pub limiter: Arc<Limiter>,
@@ -89,10 +89,12 @@ impl State {
 
 fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateError> {
     let authn = match previous {
-        Some(previous) if previous.authn.provider() == &config.provider => previous.authn.clone(),
+        Some(previous) if previous.authn.serves(&config.providers, &config.tokens) => {
+            previous.authn.clone()
+        }
         _ => {
-            let authn = Arc::new(Authenticator::new(&config.provider)?);
-            tokio::spawn(Authenticator::run_refresh(Arc::downgrade(&authn)));
+            let authn = Arc::new(Authenticator::new(&config.providers, &config.tokens)?);
+            authn.spawn_refresh();
             authn
         }
     };

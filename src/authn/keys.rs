@@ -2,6 +2,7 @@
 //! that verification reads.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -87,6 +88,19 @@ pub enum FetchError {
 struct Discovery {
     issuer: String,
     jwks_uri: String,
+    #[serde(default)]
+    introspection_endpoint: Option<String>,
+}
+
+/// What one fetch learnt from the provider.
+pub struct Fetched {
+    /// The keys.
+    pub keys: KeySet,
+    /// The introspection endpoint, when discovery named one.
+    pub introspection_endpoint: Option<String>,
+    /// `max-age` from the JWKS response's `Cache-Control`, if any; zero for
+    /// `no-cache` or `no-store`.
+    pub max_age: Option<Duration>,
 }
 
 /// Fetches documents from the provider within its time budget.
@@ -95,6 +109,8 @@ pub struct KeyFetcher {
     http: reqwest::Client,
     issuer: String,
     jwks_uri: Option<String>,
+    /// Whether discovery is needed for the introspection endpoint.
+    discover_introspection: bool,
 }
 
 impl KeyFetcher {
@@ -110,10 +126,16 @@ impl KeyFetcher {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
 
+        let discover_introspection = provider
+            .introspection
+            .as_ref()
+            .is_some_and(|introspection| introspection.endpoint.is_none());
+
         Ok(Self {
             http,
             issuer: provider.issuer.clone(),
             jwks_uri: provider.jwks_uri.clone(),
+            discover_introspection,
         })
     }
 
@@ -122,22 +144,32 @@ impl KeyFetcher {
     /// # Errors
     ///
     /// When the provider cannot be reached or answers with an invalid document.
-    pub async fn fetch(&self) -> Result<KeySet, FetchError> {
-        let jwks_uri = match &self.jwks_uri {
-            Some(uri) => uri.clone(),
-            None => self.discover().await?,
+    pub async fn fetch(&self) -> Result<Fetched, FetchError> {
+        let discovery = if self.jwks_uri.is_none() || self.discover_introspection {
+            Some(self.discover().await?)
+        } else {
+            None
         };
+        let jwks_uri = self
+            .jwks_uri
+            .clone()
+            .or_else(|| discovery.as_ref().map(|d| d.jwks_uri.clone()))
+            .unwrap_or_default();
 
-        let jwks: JwkSet = self.get_json(&jwks_uri).await?;
-        Ok(build_key_set(&jwks))
+        let (jwks, max_age): (JwkSet, _) = self.get_json(&jwks_uri).await?;
+        Ok(Fetched {
+            keys: build_key_set(&jwks),
+            introspection_endpoint: discovery.and_then(|d| d.introspection_endpoint),
+            max_age,
+        })
     }
 
-    async fn discover(&self) -> Result<String, FetchError> {
+    async fn discover(&self) -> Result<Discovery, FetchError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
         );
-        let discovery: Discovery = self.get_json(&url).await?;
+        let (discovery, _): (Discovery, _) = self.get_json(&url).await?;
 
         // OpenID Connect Discovery 1.0, section 4.3: the document must name
         // exactly the issuer it was fetched for.
@@ -149,10 +181,14 @@ impl KeyFetcher {
             return Err(FetchError::Invalid { url, reason });
         }
 
-        Ok(discovery.jwks_uri)
+        Ok(discovery)
     }
 
-    async fn get_json<T: for<'de> Deserialize<'de>>(&self, url: &str) -> Result<T, FetchError> {
+    /// A JSON document and its `Cache-Control` max-age.
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        url: &str,
+    ) -> Result<(T, Option<Duration>), FetchError> {
         let http_err = |source| FetchError::Http {
             url: url.to_owned(),
             source,
@@ -176,13 +212,40 @@ impl KeyFetcher {
             return Err(invalid("document too large".to_owned()));
         }
 
+        let max_age = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|value| value.to_str().ok())
+            .and_then(max_age);
+
         let body = response.bytes().await.map_err(http_err)?;
         if body.len() > MAX_DOCUMENT_BYTES {
             return Err(invalid("document too large".to_owned()));
         }
 
-        serde_json::from_slice(&body).map_err(|err| invalid(err.to_string()))
+        let document = serde_json::from_slice(&body).map_err(|err| invalid(err.to_string()))?;
+        Ok((document, max_age))
     }
+}
+
+/// The freshness a `Cache-Control` value grants: `max-age`, or zero when
+/// the response must not be reused.
+fn max_age(cache_control: &str) -> Option<Duration> {
+    let mut found = None;
+    for directive in cache_control.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-cache" || lower == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(seconds) = lower.strip_prefix("max-age=") {
+            found = seconds
+                .trim_matches('"')
+                .parse()
+                .ok()
+                .map(Duration::from_secs);
+        }
+    }
+    found
 }
 
 /// Keeps the keys that can verify signatures; skips encryption keys and keys
@@ -253,4 +316,21 @@ fn signing_algorithm(alg: KeyAlgorithm) -> Option<Algorithm> {
         _ => return None,
     };
     Some(alg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_max_age_and_no_cache() {
+        assert_eq!(
+            max_age("public, max-age=120"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(max_age("Max-Age=\"60\""), Some(Duration::from_secs(60)));
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("private"), None);
+        assert_eq!(max_age("max-age=abc"), None);
+    }
 }

@@ -1,36 +1,36 @@
-//! Authentication: from an `Authorization` header to a verified identity.
+//! Authentication: from a request's bearer token to a verified identity.
 //!
-//! JWT access tokens are verified against the provider's JWKS. A verified
-//! token is cached by its SHA-256 until it expires, so the steady state
-//! verifies each token's signature once; the token itself is never stored.
+//! JWT access tokens are matched to their provider by `iss` and verified
+//! against its JWKS; opaque tokens are introspected. A verified JWT is
+//! cached by its SHA-256 until it expires, so the steady state verifies each
+//! token's signature once; no token is ever stored in clear.
 
 pub mod bearer;
+mod cache;
+mod introspection;
+mod issuer;
+mod jwt;
 mod keys;
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
-use jsonwebtoken::{Algorithm, Validation};
-use moka::Expiry;
 use moka::future::Cache;
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use serde_json::{Map, Value};
 
-use crate::config::Provider;
+use crate::config::{Provider, TokenKind, Tokens};
+use cache::{Digest, UntilExpiry, digest, unix_now};
+use introspection::Introspector;
+use issuer::Issuer;
 pub use keys::FetchError;
-use keys::{KeyFetcher, KeySet};
 
 /// Verified tokens kept at most; older entries are evicted first.
 const CACHE_CAPACITY: u64 = 100_000;
 
-/// How soon a failed background key refresh is retried.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
-
 /// Who is calling, as established by a verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
+    /// The provider that issued the token.
+    pub issuer: String,
     /// The OAuth2 client the token was issued to.
     pub client_id: String,
     /// The token's subject; for client-credentials tokens, the client itself.
@@ -39,14 +39,32 @@ pub struct Identity {
     pub scopes: Vec<String>,
     /// `exp`, in seconds since the Unix epoch.
     pub expires_at: u64,
-    /// The `kid` of the key that signed the token.
+    /// The `kid` of the key that signed a JWT; `None` for opaque tokens.
     pub key_id: Option<String>,
+    /// Every claim, for route conditions and forwarded claim headers.
+    pub claims: Arc<Map<String, Value>>,
 }
 
 impl Identity {
     /// Whether the token grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|granted| granted == scope)
+    }
+
+    /// A claim's value as text: strings as they are, numbers and booleans
+    /// written out, arrays as their string members; `None` when absent.
+    pub fn claim_values(&self, name: &str) -> Option<Vec<String>> {
+        let scalar = |value: &Value| match value {
+            Value::String(text) => Some(text.clone()),
+            Value::Number(number) => Some(number.to_string()),
+            Value::Bool(flag) => Some(flag.to_string()),
+            _ => None,
+        };
+
+        match self.claims.get(name)? {
+            Value::Array(items) => Some(items.iter().filter_map(scalar).collect()),
+            value => scalar(value).map(|text| vec![text]),
+        }
     }
 }
 
@@ -67,6 +85,14 @@ pub enum AuthnError {
     /// The token is not a well-formed JWT.
     #[error("token is not a valid JWT")]
     NotAJwt,
+
+    /// The header or the claims name a member twice.
+    #[error("token has duplicate header or claim names")]
+    DuplicateNames,
+
+    /// `typ` names a kind of JWT that is not an access token.
+    #[error("token type is not an access token")]
+    WrongType,
 
     /// The token's algorithm is not in the provider's allow-list.
     #[error("token algorithm is not accepted")]
@@ -92,7 +118,11 @@ pub enum AuthnError {
     #[error("token is not valid yet")]
     NotYetValid,
 
-    /// `iss` differs from the configured issuer.
+    /// `iat` is in the future.
+    #[error("token was issued in the future")]
+    IssuedInFuture,
+
+    /// `iss` names no configured provider.
     #[error("token issuer is not accepted")]
     WrongIssuer,
 
@@ -104,9 +134,21 @@ pub enum AuthnError {
     #[error("token claims are invalid")]
     BadClaims,
 
+    /// The route does not accept this kind of token.
+    #[error("{0}")]
+    KindRefused(&'static str),
+
+    /// The provider says the opaque token is not active.
+    #[error("token is not active")]
+    Inactive,
+
     /// No keys could be obtained from the provider; the caller may retry.
     #[error("token keys are unavailable")]
     KeysUnavailable,
+
+    /// The introspection endpoint failed or timed out; the caller may retry.
+    #[error("token introspection is unavailable")]
+    IntrospectionUnavailable,
 }
 
 impl AuthnError {
@@ -117,7 +159,7 @@ impl AuthnError {
 
     /// Whether the failure is on Gatehouse's side and a retry may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::KeysUnavailable)
+        matches!(self, Self::KeysUnavailable | Self::IntrospectionUnavailable)
     }
 
     /// The description for `WWW-Authenticate`; never contains a quote.
@@ -126,282 +168,140 @@ impl AuthnError {
     }
 }
 
-#[derive(Deserialize)]
-struct Claims {
-    exp: u64,
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    client_id: Option<String>,
-    #[serde(default)]
-    azp: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    scp: Option<Vec<String>>,
+/// Where a request's token may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The `Authorization` header, as Envoy passed it.
+    pub authorization: Option<&'a str>,
+    /// The request path with its query.
+    pub path: &'a str,
 }
 
-/// Verifies bearer tokens for one provider.
+/// Verifies bearer tokens for every configured provider.
 pub struct Authenticator {
-    provider: Provider,
-    fetcher: KeyFetcher,
-    keys: ArcSwap<KeySet>,
-    /// When keys were last fetched because of an unknown `kid`; the lock also
-    /// makes that refetch single-flight.
-    last_refetch: Mutex<Option<Instant>>,
-    verified: Cache<[u8; 32], Arc<Identity>>,
-    max_token_bytes: usize,
+    providers: Vec<Provider>,
+    tokens: Tokens,
+    issuers: Vec<Arc<Issuer>>,
+    verified: Cache<Digest, Arc<Identity>>,
+    /// The provider that introspects opaque tokens, with its client.
+    introspection: Option<(Arc<Issuer>, Introspector)>,
 }
 
 impl Authenticator {
-    /// An authenticator with no keys yet; call [`Authenticator::refresh`] or
-    /// spawn [`Authenticator::run_refresh`].
+    /// An authenticator with no keys yet; call [`Authenticator::spawn_refresh`].
     ///
     /// # Errors
     ///
-    /// When the HTTP client cannot be built.
-    pub fn new(provider: &Provider) -> Result<Self, reqwest::Error> {
+    /// When an HTTP client cannot be built.
+    pub fn new(providers: &[Provider], tokens: &Tokens) -> Result<Self, reqwest::Error> {
         let verified = Cache::builder()
             .max_capacity(CACHE_CAPACITY)
             .expire_after(UntilExpiry)
             .support_invalidation_closures()
             .build();
 
+        let mut issuers = Vec::with_capacity(providers.len());
+        let mut introspection = None;
+        for provider in providers {
+            let issuer = Arc::new(Issuer::new(provider, verified.clone())?);
+            if let Some(settings) = &provider.introspection {
+                let introspector = Introspector::new(provider, settings)?;
+                introspection = Some((issuer.clone(), introspector));
+            }
+            issuers.push(issuer);
+        }
+
         Ok(Self {
-            provider: provider.clone(),
-            fetcher: KeyFetcher::new(provider)?,
-            keys: ArcSwap::from_pointee(KeySet::default()),
-            last_refetch: Mutex::new(None),
+            providers: providers.to_vec(),
+            tokens: tokens.clone(),
+            issuers,
             verified,
-            max_token_bytes: bearer::DEFAULT_MAX_TOKEN_BYTES,
+            introspection,
         })
     }
 
-    /// The provider this authenticator serves.
-    pub fn provider(&self) -> &Provider {
-        &self.provider
+    /// Whether this authenticator was built for these settings, so a reload
+    /// that changes none of them keeps its keys and caches.
+    pub fn serves(&self, providers: &[Provider], tokens: &Tokens) -> bool {
+        self.providers == providers && &self.tokens == tokens
     }
 
-    /// Whether keys are loaded, which readiness reports.
+    /// Starts each provider's background key refresh.
+    pub fn spawn_refresh(&self) {
+        for issuer in &self.issuers {
+            let weak: Weak<Issuer> = Arc::downgrade(issuer);
+            tokio::spawn(Issuer::run_refresh(weak));
+        }
+    }
+
+    /// Whether every provider's keys are loaded, which readiness reports.
     pub fn has_keys(&self) -> bool {
-        !self.keys.load().is_empty()
+        self.issuers.iter().all(|issuer| issuer.has_keys())
     }
 
-    /// Fetches the keys now and swaps them in.
-    ///
-    /// Cached tokens signed by a key that is no longer published are dropped
-    /// at once, so a withdrawn key stops working at the next refresh.
-    ///
-    /// # Errors
-    ///
-    /// When the provider cannot be reached; the previous keys stay in force.
-    pub async fn refresh(&self) -> Result<(), FetchError> {
-        let fresh = self.fetcher.fetch().await?;
-        let withdrawn = self.keys.load().withdrawn_in(&fresh);
-        let count = fresh.keys.len();
-
-        self.keys.store(Arc::new(fresh));
-
-        if !withdrawn.is_empty() {
-            tracing::info!(keys.withdrawn = ?withdrawn, "signing keys withdrawn by the provider");
-            let dropped = self.verified.invalidate_entries_if(move |_, identity| {
-                identity
-                    .key_id
-                    .as_ref()
-                    .is_some_and(|kid| withdrawn.contains(kid))
-            });
-            if let Err(err) = dropped {
-                tracing::warn!(error = %err, "could not drop tokens of withdrawn keys");
-            }
-        }
-
-        tracing::debug!(keys.count = count, "signing keys refreshed");
-        Ok(())
-    }
-
-    /// Refreshes the keys on the configured period after success, and soon
-    /// after a failure, keeping the last good keys meanwhile.
-    ///
-    /// The loop holds only a weak reference, so it ends once a reload has
-    /// replaced this authenticator and the last request using it is done.
-    pub async fn run_refresh(this: Weak<Self>) {
-        loop {
-            let Some(authn) = this.upgrade() else { return };
-            let wait = match authn.refresh().await {
-                Ok(()) => authn.provider.refresh,
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot fetch signing keys; keeping the last good ones");
-                    RETRY_AFTER_FAILURE
-                }
-            };
-            drop(authn);
-
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// Verifies the bearer token in `authorization` and returns who it names.
+    /// Verifies the request's bearer token, of a kind in `kinds`, and
+    /// returns who it names.
     ///
     /// # Errors
     ///
     /// Why the request carries no acceptable token.
     pub async fn authenticate(
         &self,
-        authorization: Option<&str>,
+        credentials: Credentials<'_>,
+        kinds: &[TokenKind],
     ) -> Result<Arc<Identity>, AuthnError> {
-        let token = bearer::parse(authorization, self.max_token_bytes)?;
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let token = bearer::extract(
+            credentials.authorization,
+            credentials.path,
+            self.tokens.max_bytes,
+            self.tokens.allow_query,
+        )?;
+        let digest = digest(&token);
 
-        // The same leeway as verification, so a token in its grace period is
-        // not verified again on every request.
-        let leeway = self.provider.leeway.as_secs();
-        if let Some(identity) = self.verified.get(&digest).await
-            && identity.expires_at.saturating_add(leeway) > unix_now()
-        {
+        // Access-token JWTs always have three dot-separated parts; opaque
+        // tokens have none. Anything with a dot is held to the JWT rules.
+        if !token.contains('.') {
+            return match &self.introspection {
+                Some((issuer, introspector)) if kinds.contains(&TokenKind::Opaque) => {
+                    let endpoint = issuer.introspection_endpoint();
+                    introspector.introspect(&token, digest, endpoint).await
+                }
+                _ => Err(AuthnError::NotAJwt),
+            };
+        }
+        if !kinds.contains(&TokenKind::Jwt) {
+            return Err(AuthnError::KindRefused(
+                "this route accepts only opaque tokens",
+            ));
+        }
+
+        if let Some(identity) = self.cached(&digest).await {
             return Ok(identity);
         }
 
-        let identity = Arc::new(self.verify(token).await?);
+        let peeked = jwt::peek(&token)?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|issuer| peeked.issuer.as_deref() == Some(issuer.provider().issuer.as_str()))
+            .ok_or(AuthnError::WrongIssuer)?;
+
+        let identity = Arc::new(issuer.verify(&token).await?);
         self.verified.insert(digest, identity.clone()).await;
         Ok(identity)
     }
 
-    async fn verify(&self, token: &str) -> Result<Identity, AuthnError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::NotAJwt)?;
+    /// A verified identity for this token, while it is within its `exp`.
+    async fn cached(&self, digest: &Digest) -> Option<Arc<Identity>> {
+        let identity = self.verified.get(digest).await?;
 
-        // The allow-list, not the token, decides which algorithms count.
-        if !self.provider.algorithms.contains(&header.alg) {
-            return Err(AuthnError::AlgorithmRefused);
-        }
-        if header.crit.as_ref().is_some_and(|crit| !crit.is_empty()) {
-            return Err(AuthnError::UnsupportedCritical);
-        }
-
-        let kid = header.kid.as_deref();
-        let keys = self.keys_for(kid).await?;
-        let key = keys.find(kid).ok_or(AuthnError::UnknownKey)?;
-        if key.algorithm.is_some_and(|pinned| pinned != header.alg) {
-            return Err(AuthnError::AlgorithmRefused);
-        }
-
-        let validation = self.validation(header.alg);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map_err(|err| map_jwt_error(err.kind()))?;
-
-        // A key without a `kid` is stored under "", and so is the identity it
-        // signed, so that withdrawing that key drops the identity too.
-        identity_from(data.claims, Some(header.kid.unwrap_or_default()))
-    }
-
-    /// The current keys, refetched first when they lack `kid`.
-    ///
-    /// Refetches are single-flight and at most one per `min_refetch`, so a
-    /// flood of tokens with random `kid`s cannot hammer the provider.
-    async fn keys_for(&self, kid: Option<&str>) -> Result<Arc<KeySet>, AuthnError> {
-        let keys = self.keys.load_full();
-        if keys.find(kid).is_some() {
-            return Ok(keys);
-        }
-
-        let mut last = self.last_refetch.lock().await;
-
-        // Another request may have refetched while this one waited.
-        let keys = self.keys.load_full();
-        if keys.find(kid).is_some() {
-            return Ok(keys);
-        }
-
-        let throttled = last.is_some_and(|at| at.elapsed() < self.provider.min_refetch);
-        if !throttled {
-            *last = Some(Instant::now());
-            if let Err(err) = self.refresh().await {
-                tracing::warn!(error = %err, "refetching signing keys for an unknown kid failed");
-            }
-        }
-        drop(last);
-
-        let keys = self.keys.load_full();
-        if keys.is_empty() {
-            return Err(AuthnError::KeysUnavailable);
-        }
-        Ok(keys)
-    }
-
-    fn validation(&self, alg: Algorithm) -> Validation {
-        let mut validation = Validation::new(alg);
-        validation.set_issuer(&[&self.provider.issuer]);
-        validation.set_audience(&self.provider.audiences);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.leeway = self.provider.leeway.as_secs();
-        validation.validate_nbf = true;
-        validation
-    }
-}
-
-fn identity_from(claims: Claims, key_id: Option<String>) -> Result<Identity, AuthnError> {
-    // RFC 9068 names `client_id`; some providers only set `azp`.
-    let client_id = claims
-        .client_id
-        .or(claims.azp)
-        .ok_or(AuthnError::BadClaims)?;
-    let subject = claims.sub.unwrap_or_else(|| client_id.clone());
-
-    let mut scopes: Vec<String> = claims
-        .scope
-        .as_deref()
-        .unwrap_or_default()
-        .split(' ')
-        .filter(|scope| !scope.is_empty())
-        .map(str::to_owned)
-        .collect();
-    scopes.extend(claims.scp.unwrap_or_default());
-
-    Ok(Identity {
-        client_id,
-        subject,
-        scopes,
-        expires_at: claims.exp,
-        key_id,
-    })
-}
-
-fn map_jwt_error(kind: &jsonwebtoken::errors::ErrorKind) -> AuthnError {
-    use jsonwebtoken::errors::ErrorKind;
-
-    match kind {
-        ErrorKind::InvalidSignature => AuthnError::BadSignature,
-        ErrorKind::ExpiredSignature => AuthnError::Expired,
-        ErrorKind::ImmatureSignature => AuthnError::NotYetValid,
-        ErrorKind::InvalidIssuer => AuthnError::WrongIssuer,
-        ErrorKind::InvalidAudience => AuthnError::WrongAudience,
-        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => AuthnError::AlgorithmRefused,
-        ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => {
-            AuthnError::BadClaims
-        }
-        ErrorKind::Json(_) => AuthnError::BadClaims,
-        _ => AuthnError::NotAJwt,
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
-/// Cache entries live until the token's own `exp`.
-struct UntilExpiry;
-
-impl Expiry<[u8; 32], Arc<Identity>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        identity: &Arc<Identity>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_secs(
-            identity.expires_at.saturating_sub(unix_now()),
-        ))
+        // The same leeway as verification, so a token in its grace period is
+        // not verified again on every request.
+        let leeway = self
+            .issuers
+            .iter()
+            .find(|issuer| issuer.provider().issuer == identity.issuer)
+            .map(|issuer| issuer.provider().leeway.as_secs())?;
+        (identity.expires_at.saturating_add(leeway) > unix_now()).then_some(identity)
     }
 }

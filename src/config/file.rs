@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 
-use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use super::providers::{ClaimSection, ProviderSection, TokenKind, TokensSection};
 use crate::reshape::Step;
 
 /// The whole file.
@@ -23,8 +23,17 @@ pub struct FileConfig {
     #[serde(default)]
     pub server: ServerSection,
 
-    /// The OAuth2 provider that issues the access tokens.
-    pub provider: ProviderSection,
+    /// The OAuth2 provider that issues the access tokens (one provider).
+    #[serde(default)]
+    pub provider: Option<ProviderSection>,
+
+    /// The OAuth2 providers whose tokens are accepted, matched by `iss`.
+    #[serde(default)]
+    pub providers: Vec<ProviderSection>,
+
+    /// Bearer-token settings and the identity headers forwarded upstream.
+    #[serde(default)]
+    pub tokens: TokensSection,
 
     /// The shared rate-limit store; without it counters live in this process.
     #[serde(default)]
@@ -90,57 +99,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// `provider:`
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderSection {
-    /// The issuer URL; tokens must carry exactly this `iss`.
-    pub issuer: Spanned<String>,
-
-    /// Accepted audiences; a token's `aud` must contain one of them.
-    pub audiences: Vec<String>,
-
-    /// Where the signing keys are; found by OIDC discovery when absent.
-    #[serde(default)]
-    pub jwks_uri: Option<Spanned<String>>,
-
-    /// Accepted clock skew for `exp`, `nbf` and `iat`, in seconds.
-    #[serde(default = "default_leeway")]
-    pub leeway_seconds: u64,
-
-    /// Budget for one discovery or JWKS request, in milliseconds.
-    #[serde(default = "default_fetch_timeout")]
-    pub fetch_timeout_ms: u64,
-
-    /// How often the keys are refreshed in the background, in seconds.
-    #[serde(default = "default_refresh")]
-    pub refresh_seconds: u64,
-
-    /// The minimum time between two refetches caused by an unknown `kid`, in seconds.
-    #[serde(default = "default_refetch")]
-    pub min_refetch_seconds: u64,
-
-    /// Accepted signature algorithms; every asymmetric one when empty.
-    #[serde(default)]
-    pub algorithms: Vec<Spanned<Algorithm>>,
-}
-
-fn default_leeway() -> u64 {
-    30
-}
-
-fn default_fetch_timeout() -> u64 {
-    300
-}
-
-fn default_refresh() -> u64 {
-    300
-}
-
-fn default_refetch() -> u64 {
-    10
 }
 
 /// `redis:`
@@ -328,6 +286,18 @@ pub struct RouteSection {
     /// Scopes the token must all carry.
     #[serde(default)]
     pub scopes: Vec<String>,
+
+    /// Scopes of which the token must carry at least one.
+    #[serde(default)]
+    pub any_scopes: Vec<String>,
+
+    /// Conditions on the token's claims, all of which must hold.
+    #[serde(default)]
+    pub claims: Vec<ClaimSection>,
+
+    /// The kinds of token accepted: `jwt`, `opaque`; `[jwt]` when absent.
+    #[serde(default)]
+    pub tokens: Vec<Spanned<TokenKind>>,
 
     /// The rate-limit policy that applies, by name.
     #[serde(default)]

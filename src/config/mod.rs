@@ -5,6 +5,7 @@
 //! fault, so that `gatehouse check-config` can be used in CI before a rollout.
 
 mod file;
+mod providers;
 #[cfg(test)]
 mod tests;
 
@@ -15,12 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use jsonwebtoken::Algorithm;
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
 pub use file::{FailureMode, LogFormat, MergeMode};
 use file::{FileConfig, RouteSection};
+pub use providers::{
+    ClaimRule, ClaimTest, Forward, Introspection, Provider, TokenKind, Tokens, is_hmac,
+};
 
 use crate::reshape::Step;
 
@@ -42,8 +45,11 @@ pub struct Config {
     /// Listen addresses and shutdown behaviour.
     pub server: Server,
 
-    /// The token issuer.
-    pub provider: Provider,
+    /// The token issuers, each matched by `iss`.
+    pub providers: Vec<Provider>,
+
+    /// Bearer-token settings and forwarded identity headers.
+    pub tokens: Tokens,
 
     /// The shared rate-limit store, if any.
     pub redis: Option<Redis>,
@@ -72,27 +78,6 @@ pub struct Server {
     pub drain: Duration,
     /// Log line format.
     pub log_format: LogFormat,
-}
-
-/// The OAuth2 provider whose tokens are accepted.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Provider {
-    /// Exact `iss` value.
-    pub issuer: String,
-    /// Accepted `aud` values.
-    pub audiences: Vec<String>,
-    /// Explicit JWKS location; OIDC discovery when `None`.
-    pub jwks_uri: Option<String>,
-    /// Clock skew allowed on time claims.
-    pub leeway: Duration,
-    /// Budget for one discovery or JWKS request.
-    pub fetch_timeout: Duration,
-    /// Background refresh period of the keys.
-    pub refresh: Duration,
-    /// Minimum time between refetches caused by an unknown `kid`.
-    pub min_refetch: Duration,
-    /// Accepted signature algorithms.
-    pub algorithms: Vec<Algorithm>,
 }
 
 /// The Redis that holds rate-limit counters.
@@ -200,6 +185,12 @@ pub struct Route {
     pub public: bool,
     /// Scopes the token must all carry.
     pub scopes: Vec<String>,
+    /// Scopes of which the token must carry one; no condition when empty.
+    pub any_scopes: Vec<String>,
+    /// Conditions on claims, all of which must hold.
+    pub claims: Vec<ClaimRule>,
+    /// Token kinds accepted.
+    pub token_kinds: Vec<TokenKind>,
     /// The rate limit that applies.
     pub rate_limit: Option<Arc<RateLimitPolicy>>,
     /// The profile for clients that have none of their own.
@@ -469,7 +460,8 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         );
     }
 
-    let provider = compile_provider(raw.provider, &mut problems);
+    let providers = providers::compile_providers(raw.provider, raw.providers, &mut problems);
+    let tokens = providers::compile_tokens(raw.tokens, &mut problems);
     let redis = raw.redis.map(|redis| {
         // TODO: TLS to Redis (`rediss://`) is not built in yet, so only plain
         // connections are accepted; use a local TLS tunnel meanwhile.
@@ -511,6 +503,13 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         upstream: upstream.as_deref(),
     };
     let routes = compile_routes(raw.routes, &context, &mut problems);
+    let opaque_route = routes
+        .iter()
+        .any(|r| r.token_kinds.contains(&TokenKind::Opaque));
+    if opaque_route && !providers.iter().any(|p| p.introspection.is_some()) {
+        let message = "a route accepts opaque tokens but no provider has introspection";
+        problems.add(None, "routes", message);
+    }
     let route_names: HashSet<&str> = routes.iter().map(|route| route.name.as_str()).collect();
 
     let mut profiles = HashMap::new();
@@ -582,62 +581,14 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         path: path.to_owned(),
         loaded_at: SystemTime::now(),
         server,
-        provider,
+        providers,
+        tokens,
         redis,
         reshape,
         profiles,
         clients,
         routes,
     })
-}
-
-fn compile_provider(raw: file::ProviderSection, problems: &mut Problems) -> Provider {
-    check_url(&raw.issuer, &["http", "https"], "provider.issuer", problems);
-    if let Some(jwks_uri) = &raw.jwks_uri {
-        check_url(jwks_uri, &["http", "https"], "provider.jwks_uri", problems);
-    }
-    if raw.audiences.is_empty() {
-        problems.add(
-            None,
-            "provider.audiences",
-            "at least one audience is required",
-        );
-    }
-
-    let mut algorithms = Vec::new();
-    for (index, alg) in raw.algorithms.iter().enumerate() {
-        // A shared-secret algorithm would let anyone holding the provider's
-        // public key forge tokens if the key type were chosen by the token.
-        if matches!(
-            alg.value,
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
-        ) {
-            let key = format!("provider.algorithms[{index}]");
-            problems.add(
-                Some(&alg.referenced),
-                key,
-                "HMAC algorithms are not supported",
-            );
-        }
-        algorithms.push(alg.value);
-    }
-    if algorithms.is_empty() {
-        use Algorithm::*;
-        algorithms = vec![
-            RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
-        ];
-    }
-
-    Provider {
-        issuer: raw.issuer.value,
-        audiences: raw.audiences,
-        jwks_uri: raw.jwks_uri.map(|uri| uri.value),
-        leeway: Duration::from_secs(raw.leeway_seconds),
-        fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms),
-        refresh: Duration::from_secs(raw.refresh_seconds.max(1)),
-        min_refetch: Duration::from_secs(raw.min_refetch_seconds),
-        algorithms,
-    }
 }
 
 /// What routes may refer to.
@@ -690,9 +641,19 @@ fn compile_routes(
             methods.push(upper);
         }
 
-        if section.public && !section.scopes.is_empty() {
-            let message = "a public route cannot require scopes";
+        let needs_token = !section.scopes.is_empty()
+            || !section.any_scopes.is_empty()
+            || !section.claims.is_empty()
+            || !section.tokens.is_empty();
+        if section.public && needs_token {
+            let message = "a public route cannot require scopes, claims or token kinds";
             problems.add(Some(&section.name.referenced), key("scopes"), message);
+        }
+        let claims =
+            providers::compile_claims(&format!("routes[{index}]"), section.claims, problems);
+        let mut token_kinds: Vec<TokenKind> = section.tokens.iter().map(|t| t.value).collect();
+        if token_kinds.is_empty() {
+            token_kinds.push(TokenKind::Jwt);
         }
 
         let rate_limit = section.rate_limit.as_ref().and_then(|name| {
@@ -725,6 +686,9 @@ fn compile_routes(
             methods,
             public: section.public,
             scopes: section.scopes,
+            any_scopes: section.any_scopes,
+            claims,
+            token_kinds,
             rate_limit,
             profile: section.profile.map(|profile| profile.value),
             request_headers,

@@ -60,7 +60,7 @@ fn problems(text: &str) -> String {
 fn good_file_compiles_with_expansion_and_defaults() {
     let config = load(GOOD, &[("REDIS_URL", "redis://:pw@127.0.0.1:6379")]).expect("valid file");
 
-    assert_eq!(config.provider.issuer, "http://127.0.0.1:3000");
+    assert_eq!(config.providers[0].issuer, "http://127.0.0.1:3000");
     assert_eq!(config.routes[0].prefix, "/vehicles");
     assert_eq!(config.routes[0].methods, ["GET"]);
     let policy = config.routes[0].rate_limit.as_ref().expect("policy");
@@ -86,7 +86,7 @@ fn variable_overrides_default() {
     ];
     let config = load(GOOD, &vars).expect("valid file");
 
-    assert_eq!(config.provider.issuer, "https://id.example.com");
+    assert_eq!(config.providers[0].issuer, "https://id.example.com");
 }
 
 #[test]
@@ -195,6 +195,7 @@ fn hmac_algorithms_are_refused() {
     let err = problems(&text);
 
     assert!(err.contains("provider.algorithms[1]: HMAC"), "{err}");
+    assert!(err.contains("need hmac_secret"), "{err}");
 }
 
 #[test]

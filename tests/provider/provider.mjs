@@ -1,12 +1,14 @@
 // OAuth2 provider for Gatehouse's tests and local runs.
 //
 //   node tests/provider/provider.mjs --port N [--keys FILE] [--issuer URL]
+//                                    [--jwks-max-age SECONDS]
 //
 // Issues client_credentials tokens for two resource servers: JWT access
 // tokens for https://api.gatehouse.test (checked by Gatehouse against /jwks)
 // and opaque ones for https://opaque.gatehouse.test (checked through
 // introspection). Tokens other than JWTs live in memory and die with the
-// process. Prints `provider ready <issuer>` once it listens.
+// process. Prints `provider ready <issuer>` once it listens. A few test
+// controls live under /__ (see main).
 
 import { createHash, generateKeyPairSync } from 'node:crypto';
 import { existsSync, fstatSync, readFileSync, writeFileSync } from 'node:fs';
@@ -51,18 +53,23 @@ function parseCli() {
         port: { type: 'string' },
         keys: { type: 'string' },
         issuer: { type: 'string' },
+        'jwks-max-age': { type: 'string' },
       },
       strict: true,
     }));
   } catch (err) {
-    fail(`${err.message}\nusage: provider.mjs --port N [--keys FILE] [--issuer URL]`);
+    fail(`${err.message}\nusage: provider.mjs --port N [--keys FILE] [--issuer URL] [--jwks-max-age S]`);
   }
 
   const port = Number(values.port);
   if (values.port === undefined || !Number.isInteger(port) || port < 0 || port > 65535) {
     fail('--port N is required (0 picks a free port)');
   }
-  return { port, keysFile: values.keys, issuer: values.issuer };
+  const jwksMaxAge = values['jwks-max-age'] === undefined ? undefined : Number(values['jwks-max-age']);
+  if (jwksMaxAge !== undefined && !(Number.isInteger(jwksMaxAge) && jwksMaxAge >= 0)) {
+    fail('--jwks-max-age takes whole seconds');
+  }
+  return { port, keysFile: values.keys, issuer: values.issuer, jwksMaxAge };
 }
 
 // RFC 7638 thumbprint, so a generated key gets a stable, meaningful kid.
@@ -113,13 +120,16 @@ function loadKeys(file) {
   return { keys };
 }
 
+// Settings tests may change while the provider runs.
+const settings = { opaqueTtl: ACCESS_TOKEN_TTL };
+
 function resourceServer(resource) {
   const common = { scope: SCOPES, audience: resource, accessTokenTTL: ACCESS_TOKEN_TTL };
   if (resource === JWT_RESOURCE) {
     return { ...common, accessTokenFormat: 'jwt', jwt: { sign: { alg: 'RS256' } } };
   }
   if (resource === OPAQUE_RESOURCE) {
-    return { ...common, accessTokenFormat: 'opaque' };
+    return { ...common, accessTokenTTL: settings.opaqueTtl, accessTokenFormat: 'opaque' };
   }
   throw new errors.InvalidTarget();
 }
@@ -185,7 +195,7 @@ function exitWithParent(stop) {
 }
 
 function main() {
-  const { port, keysFile, issuer: fixedIssuer } = parseCli();
+  const { port, keysFile, issuer: fixedIssuer, jwksMaxAge } = parseCli();
   const jwks = loadKeys(keysFile);
 
   // The issuer names the port, so the provider is built once the socket is
@@ -194,7 +204,44 @@ function main() {
     res.statusCode = 503;
     res.end();
   };
-  const server = createServer((req, res) => handle(req, res));
+
+  // Test controls, outside the OAuth2 surface:
+  //   GET  /__stats               how often the key set and introspection were called
+  //   POST /__delay?ms=N          answer /jwks and introspection N ms late
+  //   POST /__opaque_ttl?seconds=N  lifetime of opaque tokens issued from now on
+  const stats = { jwks: 0, introspection: 0 };
+  let delayMs = 0;
+  const server = createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://provider.invalid');
+    const number = (name) => Number(url.searchParams.get(name) ?? 0);
+    if (url.pathname === '/__stats') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(stats));
+      return;
+    }
+    if (url.pathname === '/__delay' && req.method === 'POST') {
+      delayMs = number('ms');
+      res.end();
+      return;
+    }
+    if (url.pathname === '/__opaque_ttl' && req.method === 'POST') {
+      settings.opaqueTtl = number('seconds') || ACCESS_TOKEN_TTL;
+      res.end();
+      return;
+    }
+
+    const slow = url.pathname === '/jwks' || url.pathname === '/token/introspection';
+    if (url.pathname === '/jwks') {
+      stats.jwks += 1;
+      if (jwksMaxAge !== undefined) res.setHeader('cache-control', `max-age=${jwksMaxAge}`);
+    }
+    if (url.pathname === '/token/introspection') stats.introspection += 1;
+    if (slow && delayMs > 0) {
+      setTimeout(() => handle(req, res), delayMs);
+      return;
+    }
+    handle(req, res);
+  });
 
   server.on('error', (err) => fail(`cannot listen on 127.0.0.1:${port}: ${err.message}`));
   server.listen(port, '127.0.0.1', () => {

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod forge;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

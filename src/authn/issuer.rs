@@ -1,0 +1,290 @@
+//! One provider's live state: its signing keys, refreshed in the background
+//! and refetched (single-flight, throttled) for an unknown `kid`, and the
+//! verification of the JWTs it signs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use moka::future::Cache;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use super::cache::{Digest, unix_now};
+use super::jwt::{identity_from, map_jwt_error};
+use super::keys::{FetchError, KeyFetcher, KeySet};
+use super::{AuthnError, Identity};
+use crate::config::{Provider, is_hmac};
+
+/// How soon a failed background key refresh is retried.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
+
+/// A provider and the keys it publishes.
+pub struct Issuer {
+    provider: Provider,
+    fetcher: KeyFetcher,
+    keys: ArcSwap<KeySet>,
+    /// The introspection endpoint discovery named, when none is configured.
+    discovered_introspection: ArcSwapOption<String>,
+    /// When keys were last fetched because of an unknown `kid`; the lock also
+    /// makes that refetch single-flight.
+    last_refetch: Mutex<Option<Instant>>,
+    /// The verified-token cache shared by every provider, so that a
+    /// withdrawn key's tokens can be dropped from it.
+    verified: Cache<Digest, Arc<Identity>>,
+    hmac: Option<DecodingKey>,
+}
+
+impl Issuer {
+    /// An issuer with no keys yet.
+    ///
+    /// # Errors
+    ///
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        provider: &Provider,
+        verified: Cache<Digest, Arc<Identity>>,
+    ) -> Result<Self, reqwest::Error> {
+        // Building an HMAC key only copies the bytes; should it ever fail,
+        // HMAC tokens are refused, which is the safe side.
+        let hmac = provider
+            .hmac_secret
+            .as_ref()
+            .and_then(|secret| DecodingKey::from_secret(secret.as_bytes()).ok());
+
+        Ok(Self {
+            provider: provider.clone(),
+            fetcher: KeyFetcher::new(provider)?,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            discovered_introspection: ArcSwapOption::empty(),
+            last_refetch: Mutex::new(None),
+            verified,
+            hmac,
+        })
+    }
+
+    /// The provider's settings.
+    pub fn provider(&self) -> &Provider {
+        &self.provider
+    }
+
+    /// Whether keys are loaded, which readiness reports.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.load().is_empty()
+    }
+
+    /// Where opaque tokens are introspected: the configured endpoint, or
+    /// the one discovery named.
+    pub fn introspection_endpoint(&self) -> Option<String> {
+        let introspection = self.provider.introspection.as_ref()?;
+        match &introspection.endpoint {
+            Some(endpoint) => Some(endpoint.clone()),
+            None => self
+                .discovered_introspection
+                .load_full()
+                .map(|e| (*e).clone()),
+        }
+    }
+
+    /// Fetches the keys now and swaps them in; returns how long they may be
+    /// kept (the response's `max-age` within the configured bounds).
+    ///
+    /// Cached tokens signed by a key that is no longer published are dropped
+    /// at once, so a withdrawn key stops working at the next refresh.
+    ///
+    /// # Errors
+    ///
+    /// When the provider cannot be reached; the previous keys stay in force.
+    pub async fn refresh(&self) -> Result<Duration, FetchError> {
+        let fetched = self.fetcher.fetch().await?;
+        let withdrawn = self.keys.load().withdrawn_in(&fetched.keys);
+        let count = fetched.keys.keys.len();
+
+        self.keys.store(Arc::new(fetched.keys));
+        if let Some(endpoint) = fetched.introspection_endpoint {
+            self.discovered_introspection
+                .store(Some(Arc::new(endpoint)));
+        }
+
+        if !withdrawn.is_empty() {
+            tracing::info!(
+                provider.issuer = %self.provider.issuer,
+                keys.withdrawn = ?withdrawn,
+                "signing keys withdrawn by the provider"
+            );
+            let issuer = self.provider.issuer.clone();
+            let dropped = self.verified.invalidate_entries_if(move |_, identity| {
+                identity.issuer == issuer
+                    && identity
+                        .key_id
+                        .as_ref()
+                        .is_some_and(|kid| withdrawn.contains(kid))
+            });
+            if let Err(err) = dropped {
+                tracing::warn!(error = %err, "could not drop tokens of withdrawn keys");
+            }
+        }
+
+        let (low, high) = self.provider.refresh_bounds;
+        let keep = fetched
+            .max_age
+            .unwrap_or(self.provider.refresh)
+            .clamp(low, high);
+        tracing::debug!(
+            provider.issuer = %self.provider.issuer,
+            keys.count = count,
+            keys.next_refresh = ?keep,
+            "signing keys refreshed"
+        );
+        Ok(keep)
+    }
+
+    /// Refreshes the keys when the last fetch says they go stale, and soon
+    /// after a failure, keeping the last good keys meanwhile.
+    ///
+    /// The loop holds only a weak reference, so it ends once a reload has
+    /// replaced this issuer and the last request using it is done.
+    pub async fn run_refresh(this: std::sync::Weak<Self>) {
+        loop {
+            let Some(issuer) = this.upgrade() else { return };
+            let wait = match issuer.refresh().await {
+                Ok(keep) => keep,
+                Err(err) => {
+                    tracing::warn!(
+                        provider.issuer = %issuer.provider.issuer,
+                        error = %err,
+                        "cannot fetch signing keys; keeping the last good ones"
+                    );
+                    RETRY_AFTER_FAILURE
+                }
+            };
+            drop(issuer);
+
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Verifies a JWT that claims to come from this provider.
+    ///
+    /// # Errors
+    ///
+    /// Why the token is not acceptable.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthnError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::NotAJwt)?;
+
+        // The allow-list, not the token, decides which algorithms count.
+        if !self.provider.algorithms.contains(&header.alg) {
+            return Err(AuthnError::AlgorithmRefused);
+        }
+
+        // Gatehouse implements no header extension, so any `crit` (an empty
+        // one is invalid too, RFC 7515 section 4.1.11) is refused.
+        if header.crit.is_some() {
+            return Err(AuthnError::UnsupportedCritical);
+        }
+
+        // The kind of key follows the algorithm the configuration allows:
+        // HMAC only ever uses the configured secret, never a JWKS key.
+        let kid = header.kid.as_deref();
+        let keys;
+        let decoding = if is_hmac(header.alg) {
+            self.hmac.as_ref().ok_or(AuthnError::AlgorithmRefused)?
+        } else {
+            keys = self.keys_for(kid).await?;
+            let key = keys.find(kid).ok_or(AuthnError::UnknownKey)?;
+            if key.algorithm.is_some_and(|pinned| pinned != header.alg) {
+                return Err(AuthnError::AlgorithmRefused);
+            }
+            &key.decoding
+        };
+
+        let validation = self.validation(header.alg);
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, decoding, &validation)
+            .map_err(|err| map_jwt_error(err.kind()))?;
+        let claims = data.claims;
+
+        self.check_claims(&claims)?;
+
+        // A key without a `kid` is stored under "", and so is the identity it
+        // signed, so that withdrawing that key drops the identity too.
+        identity_from(
+            claims,
+            &self.provider.issuer,
+            Some(header.kid.unwrap_or_default()),
+        )
+    }
+
+    /// The checks `jsonwebtoken` leaves to the caller: `iat` not in the
+    /// future, and the configured required claims.
+    fn check_claims(&self, claims: &Map<String, Value>) -> Result<(), AuthnError> {
+        match claims.get("iat") {
+            None => {}
+            Some(iat) => {
+                let iat = iat.as_u64().ok_or(AuthnError::BadClaims)?;
+                let leeway = self.provider.leeway.as_secs();
+                if iat > unix_now().saturating_add(leeway) {
+                    return Err(AuthnError::IssuedInFuture);
+                }
+            }
+        }
+
+        let missing = self
+            .provider
+            .required_claims
+            .iter()
+            .any(|name| claims.get(name).is_none_or(Value::is_null));
+        if missing {
+            return Err(AuthnError::BadClaims);
+        }
+        Ok(())
+    }
+
+    /// The current keys, refetched first when they lack `kid`.
+    ///
+    /// Refetches are single-flight and at most one per `min_refetch`, so a
+    /// flood of tokens with random `kid`s cannot hammer the provider.
+    async fn keys_for(&self, kid: Option<&str>) -> Result<Arc<KeySet>, AuthnError> {
+        let keys = self.keys.load_full();
+        if keys.find(kid).is_some() {
+            return Ok(keys);
+        }
+
+        let mut last = self.last_refetch.lock().await;
+
+        // Another request may have refetched while this one waited.
+        let keys = self.keys.load_full();
+        if keys.find(kid).is_some() {
+            return Ok(keys);
+        }
+
+        let throttled = last.is_some_and(|at| at.elapsed() < self.provider.min_refetch);
+        if !throttled {
+            *last = Some(Instant::now());
+            if let Err(err) = self.refresh().await {
+                tracing::warn!(
+                    provider.issuer = %self.provider.issuer,
+                    error = %err,
+                    "refetching signing keys for an unknown kid failed"
+                );
+            }
+        }
+        drop(last);
+
+        let keys = self.keys.load_full();
+        if keys.is_empty() {
+            return Err(AuthnError::KeysUnavailable);
+        }
+        Ok(keys)
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&self.provider.issuer]);
+        validation.set_audience(&self.provider.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.leeway = self.provider.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation
+    }
+}

@@ -1,0 +1,716 @@
+//! The token side of the configuration: providers (`providers:`, or the
+//! single-provider shorthand `provider:`), bearer-token settings (`tokens:`)
+//! and a route's token requirements, as written and as compiled.
+
+use std::fmt;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{Problems, check_url};
+
+/// The longest discovery or JWKS request allowed: two in a row stay well
+/// under Envoy's 1 s ext_authz timeout.
+const MAX_FETCH_TIMEOUT_MS: u64 = 400;
+
+/// The longest introspection call allowed, under Envoy's 1 s timeout.
+const MAX_INTROSPECTION_MS: u64 = 800;
+
+// === file format ===
+
+/// One entry of `providers:`, or the whole of `provider:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// The issuer URL; tokens must carry exactly this `iss`.
+    pub issuer: Spanned<String>,
+
+    /// Accepted audiences; a token's `aud` must contain one of them.
+    pub audiences: Vec<String>,
+
+    /// Where the signing keys are; found by OIDC discovery when absent.
+    #[serde(default)]
+    pub jwks_uri: Option<Spanned<String>>,
+
+    /// Accepted clock skew for `exp`, `nbf` and `iat`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+
+    /// Budget for one discovery or JWKS request, in milliseconds.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout_ms: u64,
+
+    /// Key refresh period when the JWKS response sets no `max-age`, in seconds.
+    #[serde(default = "default_refresh")]
+    pub refresh_seconds: u64,
+
+    /// Lower bound on the refresh period, whatever `max-age` says, in seconds.
+    #[serde(default = "default_min_refresh")]
+    pub min_refresh_seconds: u64,
+
+    /// Upper bound on the refresh period, whatever `max-age` says, in seconds.
+    #[serde(default = "default_max_refresh")]
+    pub max_refresh_seconds: u64,
+
+    /// The minimum time between two refetches caused by an unknown `kid`, in seconds.
+    #[serde(default = "default_refetch")]
+    pub min_refetch_seconds: u64,
+
+    /// Accepted signature algorithms; every asymmetric one when empty.
+    #[serde(default)]
+    pub algorithms: Vec<Spanned<Algorithm>>,
+
+    /// The shared secret for HMAC tokens; HS256/384/512 are refused without it.
+    #[serde(default)]
+    pub hmac_secret: Option<Spanned<String>>,
+
+    /// Claims a token must carry besides `exp`, `iss` and `aud`.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+
+    /// Checking opaque tokens with RFC 7662 introspection.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionSection>,
+}
+
+/// `introspection:` inside a provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionSection {
+    /// The endpoint; found by OIDC discovery when absent.
+    #[serde(default)]
+    pub endpoint: Option<Spanned<String>>,
+
+    /// The client Gatehouse authenticates as (HTTP Basic).
+    pub client_id: String,
+
+    /// That client's secret.
+    pub client_secret: String,
+
+    /// Accepted audiences of opaque tokens; the provider's when empty.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+
+    /// Budget for one introspection call, in milliseconds.
+    #[serde(default = "default_introspection_timeout")]
+    pub timeout_ms: u64,
+
+    /// The longest an active result is reused, in seconds (never past `exp`).
+    #[serde(default = "default_active_cache")]
+    pub cache_seconds: u64,
+
+    /// How long an inactive result is reused, in seconds.
+    #[serde(default = "default_inactive_cache")]
+    pub inactive_cache_seconds: u64,
+}
+
+/// `tokens:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensSection {
+    /// The largest `Authorization` value accepted, in bytes.
+    pub max_bytes: usize,
+
+    /// Whether a token in the `access_token` query parameter is accepted.
+    pub allow_query: bool,
+
+    /// The identity headers set on allowed requests.
+    pub forward: ForwardSection,
+}
+
+impl Default for TokensSection {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8 * 1024,
+            allow_query: false,
+            forward: ForwardSection::default(),
+        }
+    }
+}
+
+/// `tokens.forward:`; a name set to `null` is not forwarded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardSection {
+    /// Header carrying the client id.
+    pub client_id: Option<String>,
+    /// Header carrying the subject.
+    pub subject: Option<String>,
+    /// Header carrying the granted scopes, space separated.
+    pub scopes: Option<String>,
+    /// Headers carrying chosen claims, by claim name.
+    pub claims: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ForwardSection {
+    fn default() -> Self {
+        Self {
+            client_id: Some("x-gatehouse-client-id".to_owned()),
+            subject: Some("x-gatehouse-subject".to_owned()),
+            scopes: Some("x-gatehouse-scopes".to_owned()),
+            claims: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// One entry of a route's `claims:`; exactly one test is set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimSection {
+    /// The claim's name.
+    pub claim: Spanned<String>,
+    /// The claim must be exactly this.
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// The claim must be one of these.
+    #[serde(default)]
+    pub one_of: Option<Vec<String>>,
+    /// The claim must match this regular expression, whole.
+    #[serde(default)]
+    pub pattern: Option<String>,
+}
+
+/// The kinds of token a route accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Signed JWT access tokens, checked against the provider's keys.
+    Jwt,
+    /// Opaque tokens, checked by introspection.
+    Opaque,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+fn default_fetch_timeout() -> u64 {
+    300
+}
+
+fn default_refresh() -> u64 {
+    300
+}
+
+fn default_min_refresh() -> u64 {
+    30
+}
+
+fn default_max_refresh() -> u64 {
+    3600
+}
+
+fn default_refetch() -> u64 {
+    10
+}
+
+fn default_introspection_timeout() -> u64 {
+    300
+}
+
+fn default_active_cache() -> u64 {
+    60
+}
+
+fn default_inactive_cache() -> u64 {
+    5
+}
+
+// === compiled form ===
+
+/// An OAuth2 provider whose tokens are accepted.
+#[derive(Clone, PartialEq)]
+pub struct Provider {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Explicit JWKS location; OIDC discovery when `None`.
+    pub jwks_uri: Option<String>,
+    /// Clock skew allowed on time claims.
+    pub leeway: Duration,
+    /// Budget for one discovery or JWKS request.
+    pub fetch_timeout: Duration,
+    /// Background refresh period when the JWKS sets no `max-age`.
+    pub refresh: Duration,
+    /// Bounds on the refresh period.
+    pub refresh_bounds: (Duration, Duration),
+    /// Minimum time between refetches caused by an unknown `kid`.
+    pub min_refetch: Duration,
+    /// Accepted signature algorithms.
+    pub algorithms: Vec<Algorithm>,
+    /// Shared secret for HMAC algorithms; `Debug` hides it.
+    pub hmac_secret: Option<String>,
+    /// Claims required besides `exp`, `iss` and `aud`.
+    pub required_claims: Vec<String>,
+    /// Introspection of opaque tokens.
+    pub introspection: Option<Introspection>,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider")
+            .field("issuer", &self.issuer)
+            .field("audiences", &self.audiences)
+            .field("jwks_uri", &self.jwks_uri)
+            .field("algorithms", &self.algorithms)
+            .field("hmac_secret", &self.hmac_secret.as_ref().map(|_| "***"))
+            .field("introspection", &self.introspection)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How opaque tokens are introspected.
+#[derive(Clone, PartialEq)]
+pub struct Introspection {
+    /// The endpoint; from discovery when `None`.
+    pub endpoint: Option<String>,
+    /// Client id for HTTP Basic.
+    pub client_id: String,
+    /// Client secret for HTTP Basic; `Debug` hides it.
+    pub client_secret: String,
+    /// Accepted audiences of opaque tokens.
+    pub audiences: Vec<String>,
+    /// Budget for one call.
+    pub timeout: Duration,
+    /// Longest reuse of an active result.
+    pub cache: Duration,
+    /// Reuse of an inactive result.
+    pub inactive_cache: Duration,
+}
+
+impl fmt::Debug for Introspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Introspection")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bearer-token settings shared by every provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    /// The largest `Authorization` value accepted, in bytes.
+    pub max_bytes: usize,
+    /// Whether `?access_token=` is accepted.
+    pub allow_query: bool,
+    /// Identity headers set upstream.
+    pub forward: Forward,
+}
+
+/// Header names for the identity forwarded upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Header for the client id.
+    pub client_id: Option<String>,
+    /// Header for the subject.
+    pub subject: Option<String>,
+    /// Header for the scopes.
+    pub scopes: Option<String>,
+    /// (claim, header) pairs.
+    pub claims: Vec<(String, String)>,
+}
+
+impl Forward {
+    /// Every header name Gatehouse may set, so that all are first removed.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        [&self.client_id, &self.subject, &self.scopes]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .chain(self.claims.iter().map(|(_, header)| header.as_str()))
+    }
+}
+
+/// A route's test on one claim.
+#[derive(Debug, Clone)]
+pub struct ClaimRule {
+    /// The claim's name.
+    pub claim: String,
+    /// What its value must satisfy.
+    pub test: ClaimTest,
+}
+
+/// What a claim's value must satisfy.
+#[derive(Debug, Clone)]
+pub enum ClaimTest {
+    /// Exactly this.
+    Equals(String),
+    /// One of these.
+    OneOf(Vec<String>),
+    /// A whole match of this expression.
+    Pattern(regex::Regex),
+}
+
+// === compiling ===
+
+/// The providers from `providers:` and the `provider:` shorthand.
+pub(super) fn compile_providers(
+    single: Option<ProviderSection>,
+    many: Vec<ProviderSection>,
+    problems: &mut Problems,
+) -> Vec<Provider> {
+    if single.is_some() && !many.is_empty() {
+        problems.add(
+            None,
+            "provider",
+            "use either provider or providers, not both",
+        );
+    }
+
+    let sections: Vec<(String, ProviderSection)> = match single {
+        Some(section) => vec![("provider".to_owned(), section)],
+        None => many
+            .into_iter()
+            .enumerate()
+            .map(|(index, section)| (format!("providers[{index}]"), section))
+            .collect(),
+    };
+    if sections.is_empty() {
+        problems.add(None, "providers", "at least one provider is required");
+    }
+
+    let mut providers: Vec<Provider> = Vec::new();
+    for (key, section) in sections {
+        if providers.iter().any(|p| p.issuer == section.issuer.value) {
+            let message = "another provider has the same issuer";
+            problems.add(
+                Some(&section.issuer.referenced),
+                format!("{key}.issuer"),
+                message,
+            );
+        }
+        providers.push(compile_provider(&key, section, problems));
+    }
+
+    let introspecting = providers
+        .iter()
+        .filter(|p| p.introspection.is_some())
+        .count();
+    if introspecting > 1 {
+        // TODO: route opaque tokens to one of several introspecting providers
+        // (by a route setting); until then only one provider may introspect.
+        problems.add(
+            None,
+            "providers",
+            "only one provider may have introspection",
+        );
+    }
+    providers
+}
+
+fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) -> Provider {
+    let at = |field: &str| format!("{key}.{field}");
+
+    check_url(&raw.issuer, &["http", "https"], &at("issuer"), problems);
+    if let Some(jwks_uri) = &raw.jwks_uri {
+        check_url(jwks_uri, &["http", "https"], &at("jwks_uri"), problems);
+    }
+    if raw.audiences.is_empty() {
+        problems.add(None, at("audiences"), "at least one audience is required");
+    }
+    if raw.min_refresh_seconds == 0 || raw.min_refresh_seconds > raw.max_refresh_seconds {
+        let message = "must be at least 1 and at most max_refresh_seconds";
+        problems.add(None, at("min_refresh_seconds"), message);
+    }
+
+    // Inside a Check, an unknown `kid` costs up to two fetches (discovery,
+    // then the JWKS) and an opaque token one introspection call; each must
+    // end before Envoy's 1 s ext_authz timeout so the answer is Gatehouse's.
+    if raw.fetch_timeout_ms == 0 || raw.fetch_timeout_ms > MAX_FETCH_TIMEOUT_MS {
+        let message = format!("must be between 1 and {MAX_FETCH_TIMEOUT_MS}");
+        problems.add(None, at("fetch_timeout_ms"), message);
+    }
+    if let Some(introspection) = &raw.introspection
+        && (introspection.timeout_ms == 0 || introspection.timeout_ms > MAX_INTROSPECTION_MS)
+    {
+        let message = format!("must be between 1 and {MAX_INTROSPECTION_MS}");
+        problems.add(None, at("introspection.timeout_ms"), message);
+    }
+
+    let mut algorithms = Vec::new();
+    for (index, alg) in raw.algorithms.iter().enumerate() {
+        // A shared-secret algorithm is only safe with a secret configured
+        // here: the JWKS is public, so its keys never verify HMAC tokens.
+        if is_hmac(alg.value) && raw.hmac_secret.is_none() {
+            let message = "HMAC algorithms need hmac_secret";
+            problems.add(
+                Some(&alg.referenced),
+                at(&format!("algorithms[{index}]")),
+                message,
+            );
+        }
+        algorithms.push(alg.value);
+    }
+    if algorithms.is_empty() {
+        use Algorithm::*;
+        algorithms = vec![
+            RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+        ];
+    }
+    if let Some(secret) = &raw.hmac_secret {
+        if secret.value.len() < 32 {
+            let message = "must be at least 32 bytes";
+            problems.add(Some(&secret.referenced), at("hmac_secret"), message);
+        }
+        if !algorithms.iter().copied().any(is_hmac) {
+            let message = "list the HMAC algorithms to accept in algorithms";
+            problems.add(Some(&secret.referenced), at("hmac_secret"), message);
+        }
+    }
+
+    let introspection = raw.introspection.map(|section| {
+        if let Some(endpoint) = &section.endpoint {
+            let key = at("introspection.endpoint");
+            check_url(endpoint, &["http", "https"], &key, problems);
+        }
+        let audiences = if section.audiences.is_empty() {
+            raw.audiences.clone()
+        } else {
+            section.audiences
+        };
+        Introspection {
+            endpoint: section.endpoint.map(|endpoint| endpoint.value),
+            client_id: section.client_id,
+            client_secret: section.client_secret,
+            audiences,
+            timeout: Duration::from_millis(section.timeout_ms),
+            cache: Duration::from_secs(section.cache_seconds),
+            inactive_cache: Duration::from_secs(section.inactive_cache_seconds),
+        }
+    });
+
+    let bounds = (
+        Duration::from_secs(raw.min_refresh_seconds.max(1)),
+        Duration::from_secs(raw.max_refresh_seconds.max(1)),
+    );
+    Provider {
+        issuer: raw.issuer.value,
+        audiences: raw.audiences,
+        jwks_uri: raw.jwks_uri.map(|uri| uri.value),
+        leeway: Duration::from_secs(raw.leeway_seconds),
+        fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms),
+        refresh: Duration::from_secs(raw.refresh_seconds.max(1)),
+        refresh_bounds: bounds,
+        min_refetch: Duration::from_secs(raw.min_refetch_seconds),
+        algorithms,
+        hmac_secret: raw.hmac_secret.map(|secret| secret.value),
+        required_claims: raw.required_claims,
+        introspection,
+    }
+}
+
+/// Whether `alg` is a shared-secret algorithm.
+pub fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// The `tokens:` section.
+pub(super) fn compile_tokens(raw: TokensSection, problems: &mut Problems) -> Tokens {
+    if raw.max_bytes < 64 {
+        problems.add(None, "tokens.max_bytes", "must be at least 64");
+    }
+
+    let forward = Forward {
+        client_id: raw.forward.client_id,
+        subject: raw.forward.subject,
+        scopes: raw.forward.scopes,
+        claims: raw.forward.claims.into_iter().collect(),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for name in forward.names() {
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            let message = format!("{name:?} must be a lower-case header name (a-z, 0-9, -)");
+            problems.add(None, "tokens.forward", message);
+        }
+        if matches!(name, "authorization" | "host" | "cookie") || name.starts_with(':') {
+            problems.add(
+                None,
+                "tokens.forward",
+                format!("{name:?} cannot be forwarded"),
+            );
+        }
+        if !seen.insert(name.to_owned()) {
+            problems.add(None, "tokens.forward", format!("{name:?} is used twice"));
+        }
+    }
+
+    Tokens {
+        max_bytes: raw.max_bytes,
+        allow_query: raw.allow_query,
+        forward,
+    }
+}
+
+/// A route's claim conditions.
+pub(super) fn compile_claims(
+    route_key: &str,
+    raw: Vec<ClaimSection>,
+    problems: &mut Problems,
+) -> Vec<ClaimRule> {
+    let mut rules = Vec::new();
+
+    for (index, section) in raw.into_iter().enumerate() {
+        let key = format!("{route_key}.claims[{index}]");
+        let at = Some(&section.claim.referenced);
+        let bad_pattern = section
+            .pattern
+            .as_ref()
+            .is_some_and(|pattern| regex::Regex::new(pattern).is_err());
+        let tests = [
+            section.equals.map(ClaimTest::Equals),
+            section.one_of.map(ClaimTest::OneOf),
+            section.pattern.and_then(|pattern| {
+                // Anchored so that `pattern` describes the whole value.
+                match regex::Regex::new(&format!("^(?:{pattern})$")) {
+                    Ok(regex) => Some(ClaimTest::Pattern(regex)),
+                    Err(err) => {
+                        problems.add(at, format!("{key}.pattern"), err.to_string());
+                        None
+                    }
+                }
+            }),
+        ];
+        let mut tests: Vec<ClaimTest> = tests.into_iter().flatten().collect();
+
+        if bad_pattern {
+            continue;
+        }
+        if tests.len() != 1 {
+            problems.add(at, key, "needs exactly one of equals, one_of, pattern");
+            continue;
+        }
+        rules.push(ClaimRule {
+            claim: section.claim.value,
+            test: tests.remove(0),
+        });
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const ROUTES: &str = "
+routes:
+  - name: vehicles
+    prefix: /vehicles
+    scopes: [vehicles:read]
+";
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_yaml(Path::new("g.yaml"), text, HashMap::new()).map_err(|e| e.to_string())
+    }
+
+    fn problems(text: &str) -> String {
+        load(text).expect_err("expected the file to be refused")
+    }
+
+    #[test]
+    fn several_providers_with_introspection_and_token_settings() {
+        let text = format!(
+            "
+providers:
+  - issuer: https://a.example
+    audiences: [api]
+    jwks_uri: https://a.example/keys
+    algorithms: [ES256]
+    required_claims: [sub]
+  - issuer: https://b.example
+    audiences: [api]
+    min_refresh_seconds: 5
+    max_refresh_seconds: 60
+    introspection:
+      client_id: gatehouse
+      client_secret: s3cret
+      audiences: [opaque]
+tokens:
+  max_bytes: 4096
+  allow_query: true
+  forward:
+    subject: null
+    claims: {{tenant: x-tenant}}
+{ROUTES}  - name: both
+    prefix: /both
+    tokens: [jwt, opaque]
+    any_scopes: [a, b]
+    claims:
+      - claim: tenant
+        pattern: 'acme|globex'
+"
+        );
+        let config = load(&text).expect("valid");
+
+        assert_eq!(config.providers.len(), 2);
+        assert_eq!(config.providers[0].algorithms, [Algorithm::ES256]);
+        assert_eq!(config.providers[0].required_claims, ["sub"]);
+        let introspection = config.providers[1].introspection.as_ref().expect("set");
+        assert_eq!(introspection.audiences, ["opaque"]);
+        assert!(!format!("{:?}", config.providers[1]).contains("s3cret"));
+        assert_eq!(config.tokens.max_bytes, 4096);
+        assert!(config.tokens.allow_query);
+        let names: Vec<&str> = config.tokens.forward.names().collect();
+        assert_eq!(
+            names,
+            ["x-gatehouse-client-id", "x-gatehouse-scopes", "x-tenant"]
+        );
+        let both = config.route("both").expect("route");
+        assert_eq!(both.token_kinds, [TokenKind::Jwt, TokenKind::Opaque]);
+        assert!(matches!(&both.claims[0].test, ClaimTest::Pattern(re) if !re.is_match("acme2")));
+    }
+
+    #[test]
+    fn bad_provider_and_route_settings_are_named() {
+        let provider = "provider:\n  issuer: https://a.example\n  audiences: [api]\n";
+        for (extra, expected) in [
+            (
+                "  hmac_secret: short\n  algorithms: [HS256]\n",
+                "provider.hmac_secret",
+            ),
+            ("  min_refresh_seconds: 0\n", "provider.min_refresh_seconds"),
+            (
+                "tokens:\n  forward:\n    client_id: Bad_Name\n",
+                "tokens.forward",
+            ),
+            (
+                "tokens:\n  forward:\n    subject: x-gatehouse-client-id\n",
+                "used twice",
+            ),
+        ] {
+            let err = problems(&format!("{provider}{extra}{ROUTES}"));
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+
+        let opaque = format!("{provider}{ROUTES}    tokens: [opaque]\n");
+        assert!(problems(&opaque).contains("no provider has introspection"));
+
+        let pattern =
+            format!("{provider}{ROUTES}    claims:\n      - claim: t\n        pattern: '('\n");
+        assert!(problems(&pattern).contains("routes[0].claims[0].pattern"));
+
+        let two = format!(
+            "{provider}{ROUTES}    claims:\n      - {{claim: t, equals: a, one_of: [b]}}\n"
+        );
+        assert!(problems(&two).contains("exactly one of"));
+
+        let both = format!(
+            "{provider}providers:\n  - issuer: https://b.example\n    audiences: [x]\n{ROUTES}"
+        );
+        assert!(problems(&both).contains("either provider or providers"));
+        assert!(problems(ROUTES).contains("at least one provider"));
+    }
+}
