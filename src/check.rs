@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 
 use crate::authz;
-use crate::config::{FailureMode, Route};
+use crate::config::Route;
 use crate::decision::{
     Allow, CLIENT_ID_HEADER, Decision, IDENTITY_HEADERS, Metadata, Refusal, SUBJECT_HEADER,
 };
+use crate::ratelimit::{Outcome, Query};
 use crate::route;
 use crate::state::Runtime;
 
@@ -62,7 +63,8 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
         Some(identity) => format!("client:{}", identity.client_id),
         None => format!("addr:{}", request.client_address.unwrap_or("unknown")),
     };
-    let response_headers = limit(runtime, route, &client_key).await?;
+    let client_id = identity.as_ref().map(|identity| identity.client_id.as_str());
+    let response_headers = limit(runtime, route, &client_key, client_id).await?;
 
     let mut allow = Allow {
         response_headers,
@@ -107,33 +109,35 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
 
 /// Counts the request against the route's policy and returns the headers
 /// that describe the limit.
+///
+/// The client's tier is the one set for it under `clients`.
+/// TODO: tiers from a token claim need the claim on the verified identity,
+/// which it does not carry yet; until then tiers are set per client only.
 async fn limit(
     runtime: &Runtime,
     route: &Route,
     client_key: &str,
+    client_id: Option<&str>,
 ) -> Result<Vec<(String, String)>, Refusal> {
-    let Some(policy) = &route.rate_limit else {
+    let Some(limit) = &route.rate_limit else {
         return Ok(Vec::new());
     };
+    let policy = &limit.policy;
+    let tier = client_id
+        .and_then(|id| runtime.config.clients.get(id))
+        .and_then(|client| client.tier.as_deref());
 
-    match runtime.limiter.check(policy, client_key, 1).await {
-        Ok(verdict) if verdict.allowed => Ok(verdict.headers(policy)),
-        Ok(verdict) => Err(Refusal::RateLimited {
+    let query = Query::new(policy, client_key, tier, limit.group.as_deref(), limit.cost);
+    match runtime.limiter.decide(&query).await {
+        Outcome::Allowed(verdict) => Ok(verdict.headers(policy)),
+        Outcome::FailedOpen => Ok(Vec::new()),
+        Outcome::Refused(verdict) => Err(Refusal::RateLimited {
             policy: policy.name.clone(),
-            retry_after: verdict.reset,
+            retry_after: verdict.retry_after,
             headers: verdict.headers(policy),
         }),
-        Err(err) => match policy.failure_mode {
-            FailureMode::Open => {
-                tracing::warn!(ratelimit.policy = %policy.name, error = %err, "rate limit store failed; allowing (fail open)");
-                Ok(Vec::new())
-            }
-            FailureMode::Closed => {
-                tracing::warn!(ratelimit.policy = %policy.name, error = %err, "rate limit store failed; refusing (fail closed)");
-                Err(Refusal::LimiterUnavailable {
-                    policy: policy.name.clone(),
-                })
-            }
-        },
+        Outcome::FailedClosed => Err(Refusal::LimiterUnavailable {
+            policy: policy.name.clone(),
+        }),
     }
 }

@@ -64,8 +64,9 @@ fn good_file_compiles_with_expansion_and_defaults() {
     assert_eq!(config.routes[0].prefix, "/vehicles");
     assert_eq!(config.routes[0].methods, ["GET"]);
     let policy = config.routes[0].rate_limit.as_ref().expect("policy");
-    assert_eq!(policy.requests, 5);
-    assert_eq!(policy.failure_mode, FailureMode::Open);
+    assert_eq!(policy.policy.limits[0].requests, 5);
+    assert_eq!(policy.cost, 1);
+    assert_eq!(policy.policy.failure_mode, FailureMode::Open);
     assert!(config.routes[1].public);
     assert!(config.steps("mobile", "vehicles").is_some());
     assert!(config.steps("mobile", "status").is_none());
