@@ -170,10 +170,7 @@ impl Refusal {
                 headers: limit_headers,
                 ..
             } => {
-                headers.push((
-                    "retry-after".to_owned(),
-                    seconds_up(*retry_after).to_string(),
-                ));
+                headers.push(retry_after_header(*retry_after));
                 headers.extend(limit_headers.iter().cloned());
                 429
             }
@@ -198,6 +195,16 @@ impl Refusal {
             body: body.to_string(),
         }
     }
+}
+
+/// `Retry-After` in whole seconds, at least 1.
+///
+/// Envoy's own rate-limit filter builds its 429 from the headers the
+/// rate-limit service returns, so that path takes its `Retry-After` from here
+/// too.
+pub fn retry_after_header(wait: Duration) -> (String, String) {
+    let seconds = seconds_up(wait).max(1);
+    ("retry-after".to_owned(), seconds.to_string())
 }
 
 /// Whole seconds, rounded up so that a client retrying on time is admitted.
