@@ -61,7 +61,7 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
 
     let client_key = match &identity {
         Some(identity) => format!("client:{}", identity.client_id),
-        None => format!("addr:{}", request.client_address.unwrap_or("unknown")),
+        None => format!("addr:{}", client_address(config, &request)),
     };
     let client_id = identity.as_ref().map(|identity| identity.client_id.as_str());
     let response_headers = limit(runtime, route, &client_key, client_id).await?;
@@ -105,6 +105,19 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
 
     tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
     Ok(allow)
+}
+
+/// The address a public route counts by: the one Envoy established from
+/// `x-forwarded-for` and passed in the configured header (Envoy overwrites
+/// any copy a client sends), else the TCP peer Envoy reports.
+fn client_address<'a>(config: &'a crate::config::Config, request: &Request<'a>) -> &'a str {
+    config
+        .client_address_header
+        .as_ref()
+        .and_then(|name| request.headers.get(name))
+        .map(String::as_str)
+        .or(request.client_address)
+        .unwrap_or("unknown")
 }
 
 /// Counts the request against the route's policy and returns the headers

@@ -34,6 +34,11 @@ pub struct FileConfig {
     #[serde(default)]
     pub rate_limits: BTreeMap<String, RateLimitSection>,
 
+    /// The request header in which Envoy passes the client address it
+    /// established; public routes count per this address.
+    #[serde(default)]
+    pub client_address_header: Option<String>,
+
     /// Envoy's rate-limit service: descriptors and the policies they use.
     #[serde(default)]
     pub rate_limit_service: RateLimitServiceSection,

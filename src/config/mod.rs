@@ -62,6 +62,10 @@ pub struct Config {
 
     /// Descriptors that Envoy's rate-limit service API answers for.
     pub descriptors: Vec<Descriptor>,
+
+    /// The header holding the client address Envoy established, lower case;
+    /// the TCP peer Envoy reports is used when `None`.
+    pub client_address_header: Option<String>,
 }
 
 /// Where Gatehouse listens and how it stops.
@@ -554,6 +558,9 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         clients,
         routes,
         descriptors,
+        client_address_header: raw
+            .client_address_header
+            .map(|header| header.to_ascii_lowercase()),
     })
 }
 

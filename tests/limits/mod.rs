@@ -33,6 +33,7 @@ pub fn config(redis: &str, rate_limits: &str, routes: &str) -> String {
 provider:
   issuer: http://127.0.0.1:9
   audiences: [https://api.gatehouse.test]
+client_address_header: x-gatehouse-client-address
 redis:
 {redis}
 rate_limits:
@@ -207,4 +208,49 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
         .output()
         .expect("run redis-cli");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Envoy running `yaml` (already rendered with its ports), ready once its
+/// admin interface on `admin` says so.
+pub async fn envoy(dir: &Path, name: &str, yaml: &str, admin: u16) -> Proc {
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, yaml).expect("write the envoy config");
+
+    let binary = support::envoy_binary();
+    let config_arg = config.display().to_string();
+    let args = [
+        "-c",
+        config_arg.as_str(),
+        "--concurrency",
+        "1",
+        "--use-dynamic-base-id",
+        "--log-level",
+        "warn",
+    ];
+    let mut proc = Proc::start(name, dir, &binary, &args, &[]);
+
+    let ready = format!("http://127.0.0.1:{admin}/ready");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        proc.assert_running();
+        if let Ok(response) = reqwest::get(&ready).await
+            && response.status() == 200
+        {
+            return proc;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `text` with each `port_value: FIXED` replaced by its port; each fixed
+/// port must appear exactly once.
+pub fn render_ports(text: &str, ports: &[(u16, u16)]) -> String {
+    let mut rendered = text.to_owned();
+    for (fixed, port) in ports {
+        let from = format!("port_value: {fixed}");
+        assert_eq!(rendered.matches(&from).count(), 1, "{from} exactly once");
+        rendered = rendered.replace(&from, &format!("port_value: {port}"));
+    }
+    rendered
 }
