@@ -7,10 +7,13 @@
 mod file;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ratelimit;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,6 +26,12 @@ pub use file::{FailureMode, LimitAlgorithm, LogFormat};
 use file::{FileConfig, RouteSection};
 
 use crate::reshape::Step;
+
+/// The most requests or burst one limit may name.
+const MAX_REQUESTS: u64 = 1_000_000_000;
+
+/// The longest window one limit may have.
+const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
 
 /// A configuration larger than this is refused before it is parsed.
 const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
@@ -797,6 +806,15 @@ fn compile_limits(
         if algorithm == LimitAlgorithm::FixedWindow && section.burst.is_some() {
             problems.add(location, key, "burst applies to the gcra algorithm only");
         }
+        let too_big = |value: NonZeroU64| value.get() > MAX_REQUESTS;
+        if too_big(section.requests) || section.burst.is_some_and(too_big) {
+            problems.add(location, key, format!("requests and burst must be at most {MAX_REQUESTS}"));
+        }
+        if section.window_seconds.get() > MAX_WINDOW_SECONDS {
+            let message = format!("window_seconds must be at most {MAX_WINDOW_SECONDS} (a year)");
+            problems.add(location, key, message);
+        }
+
         let limit = Limit {
             requests: section.requests.get(),
             window: Duration::from_secs(section.window_seconds.get()),
