@@ -63,7 +63,9 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
         Some(identity) => format!("client:{}", identity.client_id),
         None => format!("addr:{}", client_address(config, &request)),
     };
-    let client_id = identity.as_ref().map(|identity| identity.client_id.as_str());
+    let client_id = identity
+        .as_ref()
+        .map(|identity| identity.client_id.as_str());
     let response_headers = limit(runtime, route, &client_key, client_id).await?;
 
     let mut allow = Allow {

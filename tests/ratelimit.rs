@@ -59,7 +59,11 @@ async fn assert_exactly_the_burst(running: &[Running], redis_ports: &[u16]) {
         assert_eq!(count(429), 900, "{path}: refused");
         assert_eq!(count(503), 0, "{path}: failed closed");
     }
-    assert_eq!(fallbacks(running), 0, "no decision fell back to a failure mode");
+    assert_eq!(
+        fallbacks(running),
+        0,
+        "no decision fell back to a failure mode"
+    );
     assert!(assert_every_key_has_a_ttl(redis_ports).await >= 2);
 }
 
@@ -97,7 +101,11 @@ struct Single {
 async fn single(rate_limits: &str, routes: &str) -> Single {
     let dir = tempfile::tempdir().expect("temporary directory");
     let (redis, port) = support::redis(dir.path());
-    let yaml = limits::config("  url: ${REDIS_URL}\n  timeout_ms: 500", rate_limits, routes);
+    let yaml = limits::config(
+        "  url: ${REDIS_URL}\n  timeout_ms: 500",
+        rate_limits,
+        routes,
+    );
     let running = limits::gatehouses(dir.path(), &yaml, 1, port);
     let channel = channel(running[0].ports.grpc).await;
     Single {
@@ -134,7 +142,10 @@ async fn smooth_algorithm_gives_no_second_burst_at_a_window_edge() {
     // window ending here would admit a whole second burst.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let again = admitted(6).await;
-    assert!((1..=3).contains(&again), "{again} admitted after half a window");
+    assert!(
+        (1..=3).contains(&again),
+        "{again} admitted after half a window"
+    );
 
     // After a whole quiet window the full burst is back.
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -180,7 +191,10 @@ async fn several_limits_refuse_all_or_nothing_with_the_longest_wait() {
     let refused = call().await;
     assert_eq!(refused.status, 429);
     let retry_after: u64 = refused.headers["retry-after"].parse().expect("seconds");
-    assert!((10..=60).contains(&retry_after), "retry-after {retry_after}");
+    assert!(
+        (10..=60).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
 
     // The per-second counter has lapsed by now; the minute's remains.
     assert_eq!(fallbacks(&single.running), 0);
@@ -202,7 +216,10 @@ async fn shadow_policies_count_without_refusing_and_costs_count_more() {
         assert_eq!(answer.status, 200);
     }
     let answer = check(&single.channel, "/shadow", "192.0.2.3").await;
-    assert_eq!(answer.headers["ratelimit"], "\"shadow\";r=0;t=60", "still reported");
+    assert_eq!(
+        answer.headers["ratelimit"], "\"shadow\";r=0;t=60",
+        "still reported"
+    );
 
     // Each request costs 2 of 4.
     let mut statuses = Vec::new();

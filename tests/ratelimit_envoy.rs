@@ -82,7 +82,12 @@ async fn public_clients_behind_one_proxy_get_separate_budgets() {
 
     // A client cannot escape by prepending addresses of its own: only the
     // entry the trusted proxy appended counts.
-    let spoofed = get(listener, "/stations/status", &format!("198.51.100.7, {alice}")).await;
+    let spoofed = get(
+        listener,
+        "/stations/status",
+        &format!("198.51.100.7, {alice}"),
+    )
+    .await;
     assert_eq!(spoofed.status(), StatusCode::TOO_MANY_REQUESTS);
 
     // Nor by sending the header Envoy passes the address in: Envoy
@@ -153,6 +158,10 @@ async fn envoys_rate_limit_filter_counts_with_gatehouse() {
     assert_eq!(other.status(), StatusCode::OK);
 
     let keys = limits::keys_with_ttl(redis_port).await;
-    assert!(keys.iter().any(|(key, _)| key.contains("remote_address=203.0.113.3")), "{keys:?}");
+    assert!(
+        keys.iter()
+            .any(|(key, _)| key.contains("remote_address=203.0.113.3")),
+        "{keys:?}"
+    );
     assert!(limits::assert_every_key_has_a_ttl(&[redis_port]).await >= 2);
 }

@@ -44,13 +44,23 @@ async fn redis_killed_and_restarted_under_load() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(redis);
     let statuses = flowing.await.expect("requests kept flowing");
-    assert!(statuses.iter().all(|status| [200, 429, 503].contains(status)));
-    assert!(statuses.contains(&503), "closed refused while redis was gone");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| [200, 429, 503].contains(status))
+    );
+    assert!(
+        statuses.contains(&503),
+        "closed refused while redis was gone"
+    );
 
     // With Redis gone: open allows, closed answers 503 with Retry-After.
     let open = check(&channel, "/open", "192.0.2.11").await;
     assert_eq!(open.status, 200);
-    assert!(!open.headers.contains_key("ratelimit"), "nothing was counted");
+    assert!(
+        !open.headers.contains_key("ratelimit"),
+        "nothing was counted"
+    );
     let closed = check(&channel, "/closed", "192.0.2.11").await;
     assert_eq!(closed.status, 503);
     assert_eq!(closed.headers["retry-after"], "1");
@@ -77,7 +87,11 @@ async fn redis_killed_and_restarted_under_load() {
     // The counts are right again (the restarted Redis started empty): four
     // more fit in the limit of five, the next is refused.
     for n in 0..4 {
-        assert_eq!(check(&channel, "/closed", "192.0.2.12").await.status, 200, "{n}");
+        assert_eq!(
+            check(&channel, "/closed", "192.0.2.12").await.status,
+            200,
+            "{n}"
+        );
     }
     assert_eq!(check(&channel, "/closed", "192.0.2.12").await.status, 429);
 
@@ -90,7 +104,11 @@ async fn redis_killed_and_restarted_under_load() {
 async fn script_flush_mid_run_stays_exact() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let (_redis, port) = support::redis(dir.path());
-    let yaml = limits::config("  url: ${REDIS_URL}\n  timeout_ms: 500", RATE_LIMITS, ROUTES);
+    let yaml = limits::config(
+        "  url: ${REDIS_URL}\n  timeout_ms: 500",
+        RATE_LIMITS,
+        ROUTES,
+    );
     let running = limits::gatehouses(dir.path(), &yaml, 1, port);
     let channel = channel(running[0].ports.grpc).await;
 

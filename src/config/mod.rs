@@ -531,7 +531,9 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
             );
         }
         if let Some(tier) = &section.tier
-            && !rate_limits.values().any(|policy| policy.tiers.contains_key(tier))
+            && !rate_limits
+                .values()
+                .any(|policy| policy.tiers.contains_key(tier))
         {
             let key = format!("clients.{id}.tier");
             problems.add(None, key, format!("no rate limit defines tier {tier:?}"));
@@ -678,9 +680,17 @@ fn compile_routes(
             }
             policy
         });
-        let cost = section.rate_limit_cost.as_ref().map_or(1, |cost| cost.value);
+        let cost = section
+            .rate_limit_cost
+            .as_ref()
+            .map_or(1, |cost| cost.value);
         if let Some(spanned) = &section.rate_limit_cost {
-            check_cost(policy.as_deref(), spanned, &key("rate_limit_cost"), problems);
+            check_cost(
+                policy.as_deref(),
+                spanned,
+                &key("rate_limit_cost"),
+                problems,
+            );
         }
         let rate_limit = policy.map(|policy| RouteLimit {
             policy,
@@ -757,9 +767,13 @@ fn compile_policy(
     };
     let limits = match (inline, raw.limits) {
         (Some(limit), None) => compile_limits(algorithm, &[limit], None, &key("limits"), problems),
-        (None, Some(list)) => {
-            compile_limits(algorithm, &list.value, Some(&list.referenced), &key("limits"), problems)
-        }
+        (None, Some(list)) => compile_limits(
+            algorithm,
+            &list.value,
+            Some(&list.referenced),
+            &key("limits"),
+            problems,
+        ),
         (Some(_), Some(list)) => {
             let message = "give either requests and window_seconds, or limits";
             problems.add(Some(&list.referenced), key("limits"), message);
@@ -775,7 +789,13 @@ fn compile_policy(
     for (tier, section) in raw.tiers {
         let tier_key = key(&format!("tiers.{tier}.limits"));
         let list = &section.limits;
-        let limits = compile_limits(algorithm, &list.value, Some(&list.referenced), &tier_key, problems);
+        let limits = compile_limits(
+            algorithm,
+            &list.value,
+            Some(&list.referenced),
+            &tier_key,
+            problems,
+        );
         tiers.insert(tier, limits);
     }
 
@@ -808,7 +828,11 @@ fn compile_limits(
         }
         let too_big = |value: NonZeroU64| value.get() > MAX_REQUESTS;
         if too_big(section.requests) || section.burst.is_some_and(too_big) {
-            problems.add(location, key, format!("requests and burst must be at most {MAX_REQUESTS}"));
+            problems.add(
+                location,
+                key,
+                format!("requests and burst must be at most {MAX_REQUESTS}"),
+            );
         }
         if section.window_seconds.get() > MAX_WINDOW_SECONDS {
             let message = format!("window_seconds must be at most {MAX_WINDOW_SECONDS} (a year)");
@@ -841,11 +865,19 @@ fn compile_descriptors(
         let key = |field: &str| format!("rate_limit_service.descriptors[{index}].{field}");
 
         if section.entries.value.is_empty() {
-            problems.add(Some(&section.entries.referenced), key("entries"), "no entries");
+            problems.add(
+                Some(&section.entries.referenced),
+                key("entries"),
+                "no entries",
+            );
         }
         let Some(policy) = rate_limits.get(&section.rate_limit.value) else {
             let message = format!("no rate limit named {:?}", section.rate_limit.value);
-            problems.add(Some(&section.rate_limit.referenced), key("rate_limit"), message);
+            problems.add(
+                Some(&section.rate_limit.referenced),
+                key("rate_limit"),
+                message,
+            );
             continue;
         };
 

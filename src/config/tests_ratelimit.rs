@@ -73,18 +73,27 @@ rate_limit_service:
     assert_eq!(policy.limits_for(Some("gold")).1[0].requests, 100);
     assert_eq!(config.clients["app"].tier.as_deref(), Some("gold"));
     assert!(config.redis.as_ref().expect("redis").cluster);
-    assert_eq!(config.descriptors[0].entries[1], ("path".to_owned(), Some("/r".to_owned())));
+    assert_eq!(
+        config.descriptors[0].entries[1],
+        ("path".to_owned(), Some("/r".to_owned()))
+    );
 }
 
 #[test]
 fn inconsistent_policies_are_refused_with_their_key() {
     let cases = [
-        ("  p: {requests: 5}", "requests and window_seconds go together"),
+        (
+            "  p: {requests: 5}",
+            "requests and window_seconds go together",
+        ),
         (
             "  p: {requests: 5, window_seconds: 1, limits: [{requests: 1, window_seconds: 2}]}",
             "give either requests and window_seconds, or limits",
         ),
-        ("  p: {failure_mode: open}", "a policy needs at least one limit"),
+        (
+            "  p: {failure_mode: open}",
+            "a policy needs at least one limit",
+        ),
         ("  p: {limits: []}", "at least one limit is required"),
         (
             "  p: {requests: 5, window_seconds: 1, burst: 9, algorithm: fixed_window}",
@@ -94,8 +103,14 @@ fn inconsistent_policies_are_refused_with_their_key() {
             "  p: {limits: [{requests: 1, window_seconds: 2}, {requests: 3, window_seconds: 2}]}",
             "two limits have the same window",
         ),
-        ("  p: {requests: 5, window_seconds: 99999999}", "window_seconds must be at most"),
-        ("  p: {requests: 5, window_seconds: 1, algorithm: sliding}", "unknown variant"),
+        (
+            "  p: {requests: 5, window_seconds: 99999999}",
+            "window_seconds must be at most",
+        ),
+        (
+            "  p: {requests: 5, window_seconds: 1, algorithm: sliding}",
+            "unknown variant",
+        ),
     ];
 
     for (policy, expected) in cases {
@@ -109,17 +124,34 @@ fn inconsistent_policies_are_refused_with_their_key() {
 fn costs_tiers_and_descriptors_must_name_what_exists() {
     let policy = "  p: {requests: 5, window_seconds: 1}";
 
-    let err = problems(&file(policy, "", "    rate_limit: p\n    rate_limit_cost: 6"));
-    assert!(err.contains("gatehouse.yaml:15: routes[0].rate_limit_cost"), "{err}");
-    let err = problems(&file(policy, "", "    rate_limit: p\n    rate_limit_cost: 0"));
+    let err = problems(&file(
+        policy,
+        "",
+        "    rate_limit: p\n    rate_limit_cost: 6",
+    ));
+    assert!(
+        err.contains("gatehouse.yaml:15: routes[0].rate_limit_cost"),
+        "{err}"
+    );
+    let err = problems(&file(
+        policy,
+        "",
+        "    rate_limit: p\n    rate_limit_cost: 0",
+    ));
     assert!(err.contains("must be at least 1"), "{err}");
 
     let err = problems(&file(policy, "clients:\n  app: {tier: gold}", ""));
-    assert!(err.contains("clients.app.tier: no rate limit defines tier \"gold\""), "{err}");
+    assert!(
+        err.contains("clients.app.tier: no rate limit defines tier \"gold\""),
+        "{err}"
+    );
 
     let service = "rate_limit_service:
   descriptors:
     - {domain: edge, entries: [{key: k}], rate_limit: nope}";
     let err = problems(&file(policy, service, ""));
-    assert!(err.contains("rate_limit_service.descriptors[0].rate_limit"), "{err}");
+    assert!(
+        err.contains("rate_limit_service.descriptors[0].rate_limit"),
+        "{err}"
+    );
 }

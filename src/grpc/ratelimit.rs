@@ -72,7 +72,9 @@ impl RateLimitService for RateLimitServer {
 
                 // TODO: negative hits (`is_negative_hits`) are counted as
                 // positive ones; returning quota is not supported yet.
-                let cost = sent.hits_addend.map_or(default_cost, |value| value.value.max(1));
+                let cost = sent
+                    .hits_addend
+                    .map_or(default_cost, |value| value.value.max(1));
                 let policy = &configured.policy;
                 let query = Query::new(policy, &client, None, None, cost);
 
@@ -100,7 +102,10 @@ impl RateLimitService for RateLimitServer {
 
             if overall == Code::OverLimit {
                 headers.push(decision::retry_after_header(retry_after));
-                tracing::info!(ratelimit.decision = "over_limit", "descriptor over its limit");
+                tracing::info!(
+                    ratelimit.decision = "over_limit",
+                    "descriptor over its limit"
+                );
             }
             let response = RateLimitResponse {
                 overall_code: overall.into(),

@@ -18,9 +18,13 @@ pub fn find<'a>(
     let descriptor = descriptors.iter().find(|descriptor| {
         descriptor.domain == domain
             && descriptor.entries.len() == entries.len()
-            && descriptor.entries.iter().zip(entries).all(|((key, value), (k, v))| {
-                key == k && value.as_ref().is_none_or(|value| value == v)
-            })
+            && descriptor
+                .entries
+                .iter()
+                .zip(entries)
+                .all(|((key, value), (k, v))| {
+                    key == k && value.as_ref().is_none_or(|value| value == v)
+                })
     })?;
 
     let values: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -69,14 +73,45 @@ mod tests {
 
     #[test]
     fn keys_must_match_in_order_and_fixed_values_exactly() {
-        let configured = [descriptor(&[("path", Some("/a")), ("remote_address", None)])];
+        let configured = [descriptor(&[
+            ("path", Some("/a")),
+            ("remote_address", None),
+        ])];
 
-        let hit = find(&configured, "edge", &entries(&[("path", "/a"), ("remote_address", "1.2.3.4")]));
-        assert_eq!(hit.map(|(_, key)| key).as_deref(), Some("rls:edge:path=/a,remote_address=1.2.3.4"));
+        let hit = find(
+            &configured,
+            "edge",
+            &entries(&[("path", "/a"), ("remote_address", "1.2.3.4")]),
+        );
+        assert_eq!(
+            hit.map(|(_, key)| key).as_deref(),
+            Some("rls:edge:path=/a,remote_address=1.2.3.4")
+        );
 
-        assert!(find(&configured, "edge", &entries(&[("path", "/b"), ("remote_address", "x")])).is_none());
-        assert!(find(&configured, "other", &entries(&[("path", "/a"), ("remote_address", "x")])).is_none());
-        assert!(find(&configured, "edge", &entries(&[("remote_address", "x"), ("path", "/a")])).is_none());
+        assert!(
+            find(
+                &configured,
+                "edge",
+                &entries(&[("path", "/b"), ("remote_address", "x")])
+            )
+            .is_none()
+        );
+        assert!(
+            find(
+                &configured,
+                "other",
+                &entries(&[("path", "/a"), ("remote_address", "x")])
+            )
+            .is_none()
+        );
+        assert!(
+            find(
+                &configured,
+                "edge",
+                &entries(&[("remote_address", "x"), ("path", "/a")])
+            )
+            .is_none()
+        );
         assert!(find(&configured, "edge", &entries(&[("path", "/a")])).is_none());
     }
 }

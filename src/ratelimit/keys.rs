@@ -29,7 +29,12 @@ pub struct Subject<'a> {
 /// client, so whatever those contain, the tag (and so the slot) is the same
 /// for all of them. The algorithm and window are part of the key so that a
 /// reload that changes them never reads a counter written under other rules.
-pub fn counter(prefix: &str, subject: &Subject<'_>, algorithm: LimitAlgorithm, limit: &Limit) -> String {
+pub fn counter(
+    prefix: &str,
+    subject: &Subject<'_>,
+    algorithm: LimitAlgorithm,
+    limit: &Limit,
+) -> String {
     let client: String = subject.client.chars().take(MAX_CLIENT_CHARS).collect();
     let algorithm = match algorithm {
         LimitAlgorithm::Gcra => "gcra",

@@ -147,7 +147,11 @@ fn fixed_window(
     let mut statuses = Vec::with_capacity(limits.len());
     let mut updated = Vec::with_capacity(limits.len());
     for (limit, window) in limits.iter().zip(windows) {
-        let count = if allowed { window.count + cost } else { window.count };
+        let count = if allowed {
+            window.count + cost
+        } else {
+            window.count
+        };
         statuses.push(LimitStatus {
             limit: *limit,
             remaining: limit.requests.saturating_sub(count),

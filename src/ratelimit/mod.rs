@@ -117,8 +117,14 @@ impl Verdict {
         let tightest = self.limits.iter().min_by_key(|status| status.remaining);
         if let (true, Some(status)) = (policy.x_ratelimit_headers, tightest) {
             let reset = crate::decision::seconds_up(status.reset);
-            headers.push(("x-ratelimit-limit".to_owned(), status.limit.requests.to_string()));
-            headers.push(("x-ratelimit-remaining".to_owned(), status.remaining.to_string()));
+            headers.push((
+                "x-ratelimit-limit".to_owned(),
+                status.limit.requests.to_string(),
+            ));
+            headers.push((
+                "x-ratelimit-remaining".to_owned(),
+                status.remaining.to_string(),
+            ));
             headers.push(("x-ratelimit-reset".to_owned(), reset.to_string()));
         }
         headers

@@ -36,7 +36,7 @@ enum Connection {
 /// How to connect, kept for the background task.
 enum Target {
     Standalone(Client),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// Rate-limit counters in Redis.
@@ -64,7 +64,7 @@ impl RedisStore {
                 .min_retry_wait(20)
                 .max_retry_wait(200)
                 .build()?;
-            Target::Cluster(client)
+            Target::Cluster(Box::new(client))
         } else {
             Target::Standalone(Client::open(redis.url.as_str())?)
         };
@@ -102,7 +102,12 @@ impl RedisStore {
         let mut invocation = script.prepare_invoke();
         invocation.arg(query.cost);
         for limit in limits {
-            invocation.key(keys::counter(&self.key_prefix, &query.subject, algorithm, limit));
+            invocation.key(keys::counter(
+                &self.key_prefix,
+                &query.subject,
+                algorithm,
+                limit,
+            ));
             match algorithm {
                 LimitAlgorithm::Gcra => {
                     let micros = u64::try_from(interval(limit).as_micros()).unwrap_or(u64::MAX);
@@ -188,10 +193,7 @@ async fn connect(target: Target, timeout: Duration, slot: Arc<ArcSwapOption<Conn
                     .await
                     .map(Connection::Standalone)
             }
-            Target::Cluster(client) => client
-                .get_async_connection()
-                .await
-                .map(Connection::Cluster),
+            Target::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
         };
         match attempt {
             Ok(connection) => {

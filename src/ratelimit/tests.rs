@@ -92,13 +92,19 @@ async fn several_limits_are_all_or_nothing_with_the_longest_wait() {
         assert_eq!(refused.limits[1].remaining, 1, "{algorithm:?}");
 
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(decide(&limiter, &policy, &client, 1).await.allowed, "{algorithm:?}");
+        assert!(
+            decide(&limiter, &policy, &client, 1).await.allowed,
+            "{algorithm:?}"
+        );
 
         // Now the minute is used up: the wait is the minute's, the longer.
         tokio::time::advance(Duration::from_secs(1)).await;
         let refused = decide(&limiter, &policy, &client, 1).await;
         assert!(!refused.allowed, "{algorithm:?}");
-        assert!(refused.retry_after > Duration::from_secs(10), "{algorithm:?}: {refused:?}");
+        assert!(
+            refused.retry_after > Duration::from_secs(10),
+            "{algorithm:?}: {refused:?}"
+        );
     }
 }
 
@@ -106,7 +112,9 @@ async fn several_limits_are_all_or_nothing_with_the_longest_wait() {
 async fn clients_tiers_and_groups_count_separately() {
     let limiter = memory();
     let mut policy = policy(LimitAlgorithm::Gcra, vec![limit(1, 60, 1)]);
-    policy.tiers.insert("gold".to_owned(), vec![limit(3, 60, 3)]);
+    policy
+        .tiers
+        .insert("gold".to_owned(), vec![limit(3, 60, 3)]);
 
     assert!(decide(&limiter, &policy, "a", 1).await.allowed);
     assert!(decide(&limiter, &policy, "b", 1).await.allowed);
@@ -142,7 +150,10 @@ async fn shadow_mode_reports_but_never_refuses() {
 
 #[test]
 fn headers_follow_the_draft_with_one_member_per_limit() {
-    let mut policy = policy(LimitAlgorithm::Gcra, vec![limit(10, 1, 10), limit(1000, 3600, 1000)]);
+    let mut policy = policy(
+        LimitAlgorithm::Gcra,
+        vec![limit(10, 1, 10), limit(1000, 3600, 1000)],
+    );
     policy.name = "api".to_owned();
     policy.x_ratelimit_headers = true;
     let verdict = Verdict {
@@ -163,8 +174,14 @@ fn headers_follow_the_draft_with_one_member_per_limit() {
     };
 
     let headers: HashMap<String, String> = verdict.headers(&policy).into_iter().collect();
-    assert_eq!(headers["ratelimit-policy"], "\"api-0-1s\";q=10;w=1, \"api-1-3600s\";q=1000;w=3600");
-    assert_eq!(headers["ratelimit"], "\"api-0-1s\";r=9;t=1, \"api-1-3600s\";r=999;t=4");
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"api-0-1s\";q=10;w=1, \"api-1-3600s\";q=1000;w=3600"
+    );
+    assert_eq!(
+        headers["ratelimit"],
+        "\"api-0-1s\";r=9;t=1, \"api-1-3600s\";r=999;t=4"
+    );
     assert_eq!(headers["x-ratelimit-limit"], "10");
     assert_eq!(headers["x-ratelimit-remaining"], "9");
     assert_eq!(headers["x-ratelimit-reset"], "1");

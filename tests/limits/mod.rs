@@ -238,7 +238,10 @@ pub async fn envoy(dir: &Path, name: &str, yaml: &str, admin: u16) -> Proc {
         {
             return proc;
         }
-        assert!(std::time::Instant::now() < deadline, "{name} never became ready");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never became ready"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

@@ -298,11 +298,19 @@ pub fn redis_cluster(dir: &Path) -> (Vec<Proc>, Vec<u16>) {
         let conf = dir.join(format!("cluster-nodes-{port}.conf"));
         let conf = conf.display().to_string();
         let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &conf];
-        nodes.push(redis_on(dir, &format!("redis-cluster-{index}"), *port, &extra));
+        nodes.push(redis_on(
+            dir,
+            &format!("redis-cluster-{index}"),
+            *port,
+            &extra,
+        ));
     }
 
     let cli = require("redis-cli", "Debian package redis-server");
-    let addresses: Vec<String> = ports.iter().map(|port| format!("127.0.0.1:{port}")).collect();
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
     let created = Command::new(&cli)
         .arg("--cluster")
         .arg("create")
