@@ -8,6 +8,11 @@
 //! Envoy's own `failure_mode_allow` and `status_on_error` in charge. Keeping
 //! the mapping here means the status codes, headers and error codes stay
 //! consistent across every reason.
+//!
+//! Envoy's rate-limit service API has no way to ask for a 503, so there a
+//! fail-closed policy is the one policy that answers with a gRPC error
+//! (`UNAVAILABLE`, in `grpc/ratelimit.rs`), and Envoy's `failure_mode_deny`
+//! and `status_on_error` turn it into the 503.
 
 use std::time::Duration;
 

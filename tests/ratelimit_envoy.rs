@@ -113,7 +113,7 @@ async fn public_clients_behind_one_proxy_get_separate_budgets() {
 #[tokio::test]
 async fn envoys_rate_limit_filter_counts_with_gatehouse() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let (_redis, redis_port) = support::redis(dir.path());
+    let (redis, redis_port) = support::redis(dir.path());
     let (_stations, stations_port) = support::upstream(dir.path(), "stations");
     let yaml = limits::config("  url: ${REDIS_URL}", RATE_LIMITS, ROUTES) + DESCRIPTORS;
     let running = limits::gatehouses(dir.path(), &yaml, 1, redis_port);
@@ -164,4 +164,11 @@ async fn envoys_rate_limit_filter_counts_with_gatehouse() {
         "{keys:?}"
     );
     assert!(limits::assert_every_key_has_a_ttl(&[redis_port]).await >= 2);
+
+    // Redis gone: the edge policy fails closed, Gatehouse answers UNAVAILABLE
+    // and Envoy's filter turns that into 503.
+    limits::stop_redis(redis, redis_port);
+    let unavailable = get(listener, "/stations", "203.0.113.5").await;
+    assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(limits::fallbacks(&running) >= 1);
 }

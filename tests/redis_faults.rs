@@ -16,7 +16,9 @@ const RATE_LIMITS: &str = "  open: {requests: 5, window_seconds: 60, failure_mod
 const ROUTES: &str = "  - {name: open, prefix: /open, public: true, rate_limit: open}
   - {name: closed, prefix: /closed, public: true, rate_limit: closed}";
 
-#[tokio::test]
+// Two workers, so that requests keep flowing while this test's own thread
+// waits for Redis to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_under_load() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let port = support::free_port();
@@ -42,7 +44,7 @@ async fn redis_killed_and_restarted_under_load() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(redis);
+    limits::stop_redis(redis, port);
     let statuses = flowing.await.expect("requests kept flowing");
     assert!(
         statuses

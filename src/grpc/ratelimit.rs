@@ -84,13 +84,19 @@ impl RateLimitService for RateLimitServer {
                 // the descriptor through uncounted.
                 match runtime.limiter.decide(&query).await {
                     Outcome::Allowed(verdict) => {
-                        headers = verdict.headers(policy);
+                        // A refused descriptor's headers explain the 429, so
+                        // an allowed one never replaces them.
+                        if overall == Code::Ok {
+                            headers = verdict.headers(policy);
+                        }
                         statuses.push(status(Code::Ok, Some((policy, &verdict))));
                     }
                     Outcome::Refused(verdict) => {
+                        if verdict.retry_after >= retry_after {
+                            headers = verdict.headers(policy);
+                        }
                         overall = Code::OverLimit;
                         retry_after = retry_after.max(verdict.retry_after);
-                        headers = verdict.headers(policy);
                         statuses.push(status(Code::OverLimit, Some((policy, &verdict))));
                     }
                     Outcome::FailedOpen => statuses.push(status(Code::Ok, None)),
@@ -165,5 +171,67 @@ fn header((key, value): (String, String)) -> HeaderValue {
         key,
         value,
         raw_value: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::{FailureMode, Limit, LimitAlgorithm};
+    use crate::ratelimit::LimitStatus;
+
+    #[test]
+    fn whole_units_map_to_envoys_and_others_are_unknown() {
+        assert_eq!(unit(Duration::from_secs(1), 10), (Unit::Second, 10));
+        assert_eq!(unit(Duration::from_secs(3600), 100), (Unit::Hour, 100));
+        assert_eq!(unit(Duration::from_secs(7), 3), (Unit::Unknown, 3));
+    }
+
+    #[test]
+    fn a_status_reports_the_tightest_limit() {
+        let limit = |requests, secs| Limit {
+            requests,
+            window: Duration::from_secs(secs),
+            burst: requests,
+        };
+        let policy = RateLimitPolicy {
+            name: "edge".to_owned(),
+            algorithm: LimitAlgorithm::Gcra,
+            limits: vec![limit(10, 1), limit(100, 60)],
+            tiers: HashMap::new(),
+            failure_mode: FailureMode::Closed,
+            shadow: false,
+            x_ratelimit_headers: false,
+        };
+        let verdict = Verdict {
+            allowed: false,
+            retry_after: Duration::from_secs(2),
+            limits: vec![
+                LimitStatus {
+                    limit: policy.limits[0],
+                    remaining: 4,
+                    reset: Duration::from_millis(600),
+                },
+                LimitStatus {
+                    limit: policy.limits[1],
+                    remaining: 0,
+                    reset: Duration::from_millis(1500),
+                },
+            ],
+        };
+
+        let status = status(Code::OverLimit, Some((&policy, &verdict)));
+
+        assert_eq!(status.code, i32::from(Code::OverLimit));
+        let current = status.current_limit.expect("a limit");
+        assert_eq!(
+            (current.requests_per_unit, current.unit),
+            (100, Unit::Minute.into())
+        );
+        assert_eq!(status.limit_remaining, 0);
+        let reset = status.duration_until_reset.expect("a reset");
+        assert_eq!((reset.seconds, reset.nanos), (1, 500_000_000));
     }
 }

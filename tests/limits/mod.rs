@@ -257,3 +257,18 @@ pub fn render_ports(text: &str, ports: &[(u16, u16)]) -> String {
     }
     rendered
 }
+
+/// Stops a Redis and waits until its port refuses connections: the guard
+/// returns as soon as it has signalled Redis, which exits a moment later.
+pub fn stop_redis(redis: Proc, port: u16) {
+    drop(redis);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis on {port} did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
