@@ -60,7 +60,7 @@ async fn assert_exactly_the_burst(running: &[Running], redis_ports: &[u16]) {
         assert_eq!(count(503), 0, "{path}: failed closed");
     }
     assert_eq!(
-        fallbacks(running),
+        fallbacks(running).await,
         0,
         "no decision fell back to a failure mode"
     );
@@ -151,7 +151,7 @@ async fn smooth_algorithm_gives_no_second_burst_at_a_window_edge() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(admitted(4).await, 4);
 
-    assert_eq!(fallbacks(&single.running), 0);
+    assert_eq!(fallbacks(&single.running).await, 0);
     assert!(assert_every_key_has_a_ttl(&[single.port]).await >= 1);
 }
 
@@ -197,7 +197,7 @@ async fn several_limits_refuse_all_or_nothing_with_the_longest_wait() {
     );
 
     // The per-second counter has lapsed by now; the minute's remains.
-    assert_eq!(fallbacks(&single.running), 0);
+    assert_eq!(fallbacks(&single.running).await, 0);
     assert!(assert_every_key_has_a_ttl(&[single.port]).await >= 1);
 }
 
@@ -228,6 +228,6 @@ async fn shadow_policies_count_without_refusing_and_costs_count_more() {
     }
     assert_eq!(statuses, [200, 200, 429]);
 
-    assert_eq!(fallbacks(&single.running), 0);
+    assert_eq!(fallbacks(&single.running).await, 0);
     assert!(assert_every_key_has_a_ttl(&[single.port]).await >= 2);
 }

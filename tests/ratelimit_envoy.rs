@@ -170,5 +170,5 @@ async fn envoys_rate_limit_filter_counts_with_gatehouse() {
     limits::stop_redis(redis, redis_port);
     let unavailable = get(listener, "/stations", "203.0.113.5").await;
     assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(limits::fallbacks(&running) >= 1);
+    assert!(limits::fallbacks(&running).await >= 1);
 }

@@ -67,7 +67,7 @@ async fn redis_killed_and_restarted_under_load() {
     assert_eq!(closed.status, 503);
     assert_eq!(closed.headers["retry-after"], "1");
     running[0].proc.assert_running();
-    assert!(fallbacks(&running) >= 2, "fallbacks are logged");
+    assert!(fallbacks(&running).await >= 2, "fallbacks are logged");
 
     // Redis back on the same port: correct decisions within a second,
     // without restarting Gatehouse.
@@ -126,6 +126,6 @@ async fn script_flush_mid_run_stays_exact() {
     }
     assert_eq!(check(&channel, "/closed", "192.0.2.20").await.status, 429);
 
-    assert_eq!(fallbacks(&running), 0, "no {FALLBACK_LOG:?} line");
+    assert_eq!(fallbacks(&running).await, 0, "no {FALLBACK_LOG:?} line");
     assert!(assert_every_key_has_a_ttl(&[port]).await >= 1);
 }

@@ -8,7 +8,10 @@ use std::time::UNIX_EPOCH;
 use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
-use super::pb::{ConfigVersion, GetConfigVersionRequest, ReloadRequest, ReloadResponse};
+use super::pb::{
+    ConfigVersion, GetConfigVersionRequest, GetRateLimitStatsRequest, RateLimitStats,
+    ReloadRequest, ReloadResponse,
+};
 use crate::state::State;
 
 /// Serves the admin API.
@@ -60,5 +63,16 @@ impl Admin for AdminService {
                 Err(Status::failed_precondition(err.to_string()))
             }
         }
+    }
+
+    async fn get_rate_limit_stats(
+        &self,
+        _request: Request<GetRateLimitStatsRequest>,
+    ) -> Result<Response<RateLimitStats>, Status> {
+        let limiter = &self.state.load().limiter;
+        Ok(Response::new(RateLimitStats {
+            fallbacks: limiter.fallbacks(),
+            ready: limiter.is_ready(),
+        }))
     }
 }

@@ -13,6 +13,8 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, attribute_context,
 };
+use gatehouse::grpc::pb::GetRateLimitStatsRequest;
+use gatehouse::grpc::pb::admin_client::AdminClient;
 use tonic::transport::Channel;
 
 use crate::support::{self, GatehousePorts, Proc};
@@ -71,12 +73,25 @@ pub fn gatehouses(dir: &Path, yaml: &str, count: usize, redis_port: u16) -> Vec<
         .collect()
 }
 
-/// How many decisions fell back to a failure mode, over every process.
-pub fn fallbacks(running: &[Running]) -> usize {
-    running
-        .iter()
-        .map(|gatehouse| gatehouse.proc.log().matches(FALLBACK_LOG).count())
-        .sum()
+/// How many decisions fell back to a failure mode, over every process, as
+/// each one's admin API counts them; checked against the warnings each one
+/// logged.
+pub async fn fallbacks(running: &[Running]) -> u64 {
+    let mut total = 0;
+    for gatehouse in running {
+        let address = format!("http://127.0.0.1:{}", gatehouse.ports.admin);
+        let mut admin = AdminClient::connect(address).await.expect("admin api");
+        let stats = admin
+            .get_rate_limit_stats(GetRateLimitStatsRequest {})
+            .await
+            .expect("rate limit stats")
+            .into_inner();
+
+        let logged = gatehouse.proc.log().matches(FALLBACK_LOG).count();
+        assert_eq!(stats.fallbacks, logged as u64, "counted and logged alike");
+        total += stats.fallbacks;
+    }
+    total
 }
 
 /// A gRPC channel to a Gatehouse.
