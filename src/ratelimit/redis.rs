@@ -208,3 +208,41 @@ async fn connect(target: Target, timeout: Duration, slot: Arc<ArcSwapOption<Conn
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limit;
+
+    fn limits() -> Vec<Limit> {
+        let limit = |secs| Limit {
+            requests: 10,
+            window: Duration::from_secs(secs),
+            burst: 10,
+        };
+        vec![limit(1), limit(60)]
+    }
+
+    #[test]
+    fn a_reply_gives_one_status_per_limit_in_order() {
+        let verdict = verdict(&[0, 1500, 3, 200, 0, 59_000], &limits()).expect("a verdict");
+
+        assert!(!verdict.allowed);
+        assert_eq!(verdict.retry_after, Duration::from_millis(1500));
+        assert_eq!(verdict.limits[0].remaining, 3);
+        assert_eq!(verdict.limits[1].reset, Duration::from_secs(59));
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_an_error_not_a_guess() {
+        assert!(matches!(
+            verdict(&[1, 0, 3, 200], &limits()),
+            Err(StoreError::BadReply)
+        ));
+        assert!(matches!(
+            verdict(&[1], &limits()),
+            Err(StoreError::BadReply)
+        ));
+        assert!(!StoreError::BadReply.is_transient());
+    }
+}
