@@ -8,9 +8,10 @@ use std::collections::HashMap;
 
 use crate::authn::{Credentials, Identity};
 use crate::authz;
-use crate::config::{FailureMode, Forward, Route};
+use crate::config::{Forward, Route};
 use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
 use crate::profile;
+use crate::ratelimit::{Outcome, Query};
 use crate::reshape;
 use crate::route;
 use crate::state::Runtime;
@@ -67,10 +68,10 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
 
     let client_key = match &identity {
         Some(identity) => format!("client:{}", identity.client_id),
-        None => format!("addr:{}", request.client_address.unwrap_or("unknown")),
+        None => format!("addr:{}", client_address(config, &request)),
     };
     let fields = sparse_fieldset(runtime, request.path)?;
-    let response_headers = limit(runtime, route, &client_key).await?;
+    let response_headers = limit(runtime, route, &client_key, identity.as_deref()).await?;
 
     let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
     let choice = choose_profile(runtime, route, &request, identity.as_deref());
@@ -211,36 +212,56 @@ fn fill_placeholders<'a>(template: &str, lookup: impl Fn(&str) -> Option<&'a str
     out
 }
 
+/// The address a public route counts by: the one Envoy established from
+/// `x-forwarded-for` and passed in the configured header (Envoy overwrites
+/// any copy a client sends), else the TCP peer Envoy reports.
+fn client_address<'a>(config: &'a crate::config::Config, request: &Request<'a>) -> &'a str {
+    config
+        .client_address_header
+        .as_ref()
+        .and_then(|name| request.headers.get(name))
+        .map(String::as_str)
+        .or(request.client_address)
+        .unwrap_or("unknown")
+}
+
 /// Counts the request against the route's policy and returns the headers
 /// that describe the limit.
+///
+/// The client's tier is the one set for it under `clients`; for a client
+/// the config puts on no tier, the policy's `tier_claim` in its token.
 async fn limit(
     runtime: &Runtime,
     route: &Route,
     client_key: &str,
+    identity: Option<&Identity>,
 ) -> Result<Vec<(String, String)>, Refusal> {
-    let Some(policy) = &route.rate_limit else {
+    let Some(limit) = &route.rate_limit else {
         return Ok(Vec::new());
     };
+    let policy = &limit.policy;
+    let configured = identity
+        .and_then(|identity| runtime.config.clients.get(&identity.client_id))
+        .and_then(|client| client.tier.clone());
+    let claimed = || {
+        let claim = policy.tier_claim.as_deref()?;
+        identity?.claim_values(claim)?.into_iter().next()
+    };
+    let tier = configured.or_else(claimed);
+    let tier = tier.as_deref();
 
-    match runtime.limiter.check(policy, client_key, 1).await {
-        Ok(verdict) if verdict.allowed => Ok(verdict.headers(policy)),
-        Ok(verdict) => Err(Refusal::RateLimited {
+    let query = Query::new(policy, client_key, tier, limit.group.as_deref(), limit.cost);
+    match runtime.limiter.decide(&query).await {
+        Outcome::Allowed(verdict) => Ok(verdict.headers(policy)),
+        Outcome::FailedOpen => Ok(Vec::new()),
+        Outcome::Refused(verdict) => Err(Refusal::RateLimited {
             policy: policy.name.clone(),
-            retry_after: verdict.reset,
+            retry_after: verdict.retry_after,
             headers: verdict.headers(policy),
         }),
-        Err(err) => match policy.failure_mode {
-            FailureMode::Open => {
-                tracing::warn!(ratelimit.policy = %policy.name, error = %err, "rate limit store failed; allowing (fail open)");
-                Ok(Vec::new())
-            }
-            FailureMode::Closed => {
-                tracing::warn!(ratelimit.policy = %policy.name, error = %err, "rate limit store failed; refusing (fail closed)");
-                Err(Refusal::LimiterUnavailable {
-                    policy: policy.name.clone(),
-                })
-            }
-        },
+        Outcome::FailedClosed => Err(Refusal::LimiterUnavailable {
+            policy: policy.name.clone(),
+        }),
     }
 }
 

@@ -8,6 +8,11 @@
 //! Envoy's own `failure_mode_allow` and `status_on_error` in charge. Keeping
 //! the mapping here means the status codes, headers and error codes stay
 //! consistent across every reason.
+//!
+//! Envoy's rate-limit service API has no way to ask for a 503, so there a
+//! fail-closed policy is the one policy that answers with a gRPC error
+//! (`UNAVAILABLE`, in `grpc/ratelimit.rs`), and Envoy's `failure_mode_deny`
+//! and `status_on_error` turn it into the 503.
 
 use std::time::Duration;
 
@@ -206,10 +211,7 @@ impl Refusal {
                 headers: limit_headers,
                 ..
             } => {
-                headers.push((
-                    "retry-after".to_owned(),
-                    seconds_up(*retry_after).to_string(),
-                ));
+                headers.push(retry_after_header(*retry_after));
                 headers.extend(limit_headers.iter().cloned());
                 429
             }
@@ -234,6 +236,16 @@ impl Refusal {
             body: body.to_string(),
         }
     }
+}
+
+/// `Retry-After` in whole seconds, at least 1.
+///
+/// Envoy's own rate-limit filter builds its 429 from the headers the
+/// rate-limit service returns, so that path takes its `Retry-After` from here
+/// too.
+pub fn retry_after_header(wait: Duration) -> (String, String) {
+    let seconds = seconds_up(wait).max(1);
+    ("retry-after".to_owned(), seconds.to_string())
 }
 
 /// Whole seconds, rounded up so that a client retrying on time is admitted.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -19,6 +20,7 @@ use crate::grpc::admin::AdminService;
 use crate::grpc::authz::AuthorizationService;
 use crate::grpc::pb::admin_server::AdminServer;
 use crate::grpc::proc::ProcessorService;
+use crate::grpc::ratelimit::RateLimitServer;
 use crate::state::State;
 
 /// After the drain period, in-flight requests get this long to finish.
@@ -28,9 +30,10 @@ const FINISH_GRACE: Duration = Duration::from_secs(10);
 const READINESS_PERIOD: Duration = Duration::from_millis(500);
 
 /// The service names health reports on, besides the overall `""`.
-const SERVICES: [&str; 2] = [
+const SERVICES: [&str; 3] = [
     "envoy.service.auth.v3.Authorization",
     "envoy.service.ext_proc.v3.ExternalProcessor",
+    "envoy.service.ratelimit.v3.RateLimitService",
 ];
 
 /// Why serving stopped.
@@ -101,6 +104,9 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
             state.clone(),
         )))
         .add_service(ExternalProcessorServer::new(ProcessorService::new(
+            state.clone(),
+        )))
+        .add_service(RateLimitServiceServer::new(RateLimitServer::new(
             state.clone(),
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), finished(finish.clone()));

@@ -124,7 +124,10 @@ fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateErr
 fn same_redis(a: &Config, b: &Config) -> bool {
     match (&a.redis, &b.redis) {
         (Some(a), Some(b)) => {
-            a.url == b.url && a.timeout == b.timeout && a.key_prefix == b.key_prefix
+            a.url == b.url
+                && a.timeout == b.timeout
+                && a.key_prefix == b.key_prefix
+                && a.cluster == b.cluster
         }
         (None, None) => true,
         _ => false,

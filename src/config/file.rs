@@ -43,6 +43,15 @@ pub struct FileConfig {
     #[serde(default)]
     pub rate_limits: BTreeMap<String, RateLimitSection>,
 
+    /// The request header in which Envoy passes the client address it
+    /// established; public routes count per this address.
+    #[serde(default)]
+    pub client_address_header: Option<String>,
+
+    /// Envoy's rate-limit service: descriptors and the policies they use.
+    #[serde(default)]
+    pub rate_limit_service: RateLimitServiceSection,
+
     /// Limits on the bodies that ext_proc reshapes.
     #[serde(default)]
     pub reshape: ReshapeSection,
@@ -115,6 +124,10 @@ pub struct RedisSection {
     /// Prefix of every key Gatehouse writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+
+    /// `url` is one node of a Redis Cluster, which tells of the others.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 fn default_redis_timeout() -> u64 {
@@ -126,18 +139,121 @@ fn default_key_prefix() -> String {
 }
 
 /// One entry of `rate_limits:`.
+///
+/// A policy holds one limit written inline (`requests`, `window_seconds`,
+/// `burst`) or several under `limits`, all enforced together.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSection {
+    /// Requests allowed per window, for a policy with one limit.
+    #[serde(default)]
+    pub requests: Option<NonZeroU64>,
+
+    /// The window's length in seconds, for a policy with one limit.
+    #[serde(default)]
+    pub window_seconds: Option<NonZeroU64>,
+
+    /// Requests allowed at once (GCRA only), for a policy with one limit.
+    #[serde(default)]
+    pub burst: Option<NonZeroU64>,
+
+    /// Several limits, all enforced together.
+    #[serde(default)]
+    pub limits: Option<Spanned<Vec<LimitSection>>>,
+
+    /// How requests are counted.
+    #[serde(default)]
+    pub algorithm: LimitAlgorithm,
+
+    /// What happens when the store cannot answer in time.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+
+    /// Count and report, but never refuse.
+    #[serde(default)]
+    pub shadow: bool,
+
+    /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
+    #[serde(default)]
+    pub x_ratelimit_headers: bool,
+
+    /// Other numbers for clients on a named tier (`clients.ID.tier`).
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierSection>,
+
+    /// A token claim naming the client's tier, for clients the config puts
+    /// on no tier.
+    #[serde(default)]
+    pub tier_claim: Option<String>,
+}
+
+/// One limit of a policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSection {
     /// Requests allowed per window.
     pub requests: NonZeroU64,
 
     /// The window's length in seconds.
     pub window_seconds: NonZeroU64,
 
-    /// What happens when the store cannot answer in time.
+    /// Requests allowed at once (GCRA only); `requests` when absent.
     #[serde(default)]
-    pub failure_mode: FailureMode,
+    pub burst: Option<NonZeroU64>,
+}
+
+/// A tier's own limits within a policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSection {
+    /// The limits for clients on this tier, replacing the policy's.
+    pub limits: Spanned<Vec<LimitSection>>,
+}
+
+/// How a policy counts requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitAlgorithm {
+    /// GCRA: a smooth rate with a burst, no window edges.
+    #[default]
+    Gcra,
+    /// A fixed window that starts at a client's first request.
+    FixedWindow,
+}
+
+/// One entry of `rate_limit_service.descriptors:` (Envoy's rate-limit API).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorSection {
+    /// The domain Envoy's filter sends.
+    pub domain: String,
+
+    /// The descriptor's entries, in order.
+    pub entries: Spanned<Vec<DescriptorEntrySection>>,
+
+    /// The policy that counts matching descriptors, by name.
+    pub rate_limit: Spanned<String>,
+}
+
+/// One entry of a descriptor.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorEntrySection {
+    /// The entry's key.
+    pub key: String,
+
+    /// The value it must have; without it, each value counts separately.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// `rate_limit_service:`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitServiceSection {
+    /// Descriptors Gatehouse answers for, matched in order.
+    #[serde(default)]
+    pub descriptors: Vec<DescriptorSection>,
 }
 
 /// What a rate-limit policy does when its store fails.
@@ -263,6 +379,9 @@ pub struct ClientSection {
     /// Other profiles the client may pick with the profile header.
     #[serde(default)]
     pub allowed_profiles: Vec<Spanned<String>>,
+    /// The rate-limit tier this client is on.
+    #[serde(default)]
+    pub tier: Option<String>,
 }
 
 /// One entry of `routes:`.
@@ -302,6 +421,15 @@ pub struct RouteSection {
     /// The rate-limit policy that applies, by name.
     #[serde(default)]
     pub rate_limit: Option<Spanned<String>>,
+
+    /// What one request on this route counts as.
+    #[serde(default)]
+    pub rate_limit_cost: Option<Spanned<u64>>,
+
+    /// Routes with the same group share counters; without one, a policy's
+    /// counters are shared by every route that names it.
+    #[serde(default)]
+    pub rate_limit_group: Option<String>,
 
     /// The profile for clients that have none of their own.
     #[serde(default)]

@@ -8,10 +8,13 @@ mod file;
 mod providers;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ratelimit;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -19,13 +22,19 @@ use std::time::{Duration, SystemTime};
 use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
-pub use file::{FailureMode, LogFormat, MergeMode};
+pub use file::{FailureMode, LimitAlgorithm, LogFormat, MergeMode};
 use file::{FileConfig, RouteSection};
 pub use providers::{
     ClaimRule, ClaimTest, Forward, Introspection, Provider, TokenKind, Tokens, is_hmac,
 };
 
 use crate::reshape::Step;
+
+/// The most requests or burst one limit may name.
+const MAX_REQUESTS: u64 = 1_000_000_000;
+
+/// The longest window one limit may have.
+const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
 
 /// A configuration larger than this is refused before it is parsed.
 const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
@@ -65,6 +74,13 @@ pub struct Config {
 
     /// Routes in match order.
     pub routes: Vec<Route>,
+
+    /// Descriptors that Envoy's rate-limit service API answers for.
+    pub descriptors: Vec<Descriptor>,
+
+    /// The header holding the client address Envoy established, lower case;
+    /// the TCP peer Envoy reports is used when `None`.
+    pub client_address_header: Option<String>,
 }
 
 /// Where Gatehouse listens and how it stops.
@@ -89,6 +105,8 @@ pub struct Redis {
     pub timeout: Duration,
     /// Prefix of every key.
     pub key_prefix: String,
+    /// Whether `url` is a node of a Redis Cluster.
+    pub cluster: bool,
 }
 
 impl fmt::Debug for Redis {
@@ -97,21 +115,74 @@ impl fmt::Debug for Redis {
             .field("url", &redact_url(&self.url))
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
 
-/// A named rate limit: `requests` per `window` for each client.
+/// A named rate-limit policy: limits that all apply to each client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitPolicy {
     /// The policy's name, used in keys, headers and bodies.
     pub name: String,
+    /// How requests are counted.
+    pub algorithm: LimitAlgorithm,
+    /// The limits for clients on no tier, never empty.
+    pub limits: Vec<Limit>,
+    /// Limits by tier name, for clients on a tier.
+    pub tiers: HashMap<String, Vec<Limit>>,
+    /// What to do when the store fails.
+    pub failure_mode: FailureMode,
+    /// Count and report, but never refuse.
+    pub shadow: bool,
+    /// The token claim that names a client's tier, when the config names none.
+    pub tier_claim: Option<String>,
+    /// Also send the `X-RateLimit-*` headers.
+    pub x_ratelimit_headers: bool,
+}
+
+impl RateLimitPolicy {
+    /// The tier that applies and its limits: the client's tier when this
+    /// policy defines it, else the policy's own limits (tier `None`).
+    pub fn limits_for<'a>(&'a self, tier: Option<&'a str>) -> (Option<&'a str>, &'a [Limit]) {
+        match tier.and_then(|tier| self.tiers.get_key_value(tier)) {
+            Some((name, limits)) => (Some(name.as_str()), limits),
+            None => (None, &self.limits),
+        }
+    }
+}
+
+/// `requests` per `window`, with up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
     /// Requests allowed per window.
     pub requests: u64,
     /// The window's length.
     pub window: Duration,
-    /// What to do when the store fails.
-    pub failure_mode: FailureMode,
+    /// Requests allowed at once (GCRA); equals `requests` for a fixed window.
+    pub burst: u64,
+}
+
+/// How a route uses a policy.
+#[derive(Debug, Clone)]
+pub struct RouteLimit {
+    /// The policy.
+    pub policy: Arc<RateLimitPolicy>,
+    /// What one request counts as.
+    pub cost: u64,
+    /// Counters are per group when set, else shared by the policy's routes.
+    pub group: Option<String>,
+}
+
+/// A descriptor of Envoy's rate-limit API and the policy that counts it.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    /// The domain Envoy's filter sends.
+    pub domain: String,
+    /// Keys in order, each with the value it must have, if any.
+    pub entries: Vec<(String, Option<String>)>,
+    /// The policy.
+    pub policy: Arc<RateLimitPolicy>,
 }
 
 /// Limits on what ext_proc reshapes, and how a profile is asked for.
@@ -145,6 +216,8 @@ pub struct Client {
     pub profile: Option<String>,
     /// Other profiles the client may pick with the profile header.
     pub allowed_profiles: Vec<String>,
+    /// The client's rate-limit tier.
+    pub tier: Option<String>,
 }
 
 /// Request headers a route changes on the way upstream. Values may hold
@@ -192,7 +265,7 @@ pub struct Route {
     /// Token kinds accepted.
     pub token_kinds: Vec<TokenKind>,
     /// The rate limit that applies.
-    pub rate_limit: Option<Arc<RateLimitPolicy>>,
+    pub rate_limit: Option<RouteLimit>,
     /// The profile for clients that have none of their own.
     pub profile: Option<String>,
     /// Request headers changed on the way upstream.
@@ -470,6 +543,7 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
             url: redis.url.value,
             timeout: Duration::from_millis(redis.timeout_ms),
             key_prefix: redis.key_prefix,
+            cluster: redis.cluster,
         }
     });
 
@@ -477,15 +551,11 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         .rate_limits
         .into_iter()
         .map(|(name, section)| {
-            let policy = RateLimitPolicy {
-                name: name.clone(),
-                requests: section.requests.get(),
-                window: Duration::from_secs(section.window_seconds.get()),
-                failure_mode: section.failure_mode,
-            };
+            let policy = compile_policy(&name, section, &mut problems);
             (name, Arc::new(policy))
         })
         .collect();
+    let descriptors = compile_descriptors(raw.rate_limit_service, &rate_limits, &mut problems);
 
     let profile_names: HashSet<String> = raw.profiles.keys().cloned().collect();
     let upstream = raw.composite.map(|section| {
@@ -555,6 +625,14 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                 problems.add(Some(&allowed.referenced), key, message);
             }
         }
+        if let Some(tier) = &section.tier
+            && !rate_limits
+                .values()
+                .any(|policy| policy.tiers.contains_key(tier))
+        {
+            let key = format!("clients.{id}.tier");
+            problems.add(None, key, format!("no rate limit defines tier {tier:?}"));
+        }
         clients.insert(
             id,
             Client {
@@ -564,6 +642,7 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                     .into_iter()
                     .map(|allowed| allowed.value)
                     .collect(),
+                tier: section.tier,
             },
         );
     }
@@ -588,6 +667,10 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         profiles,
         clients,
         routes,
+        descriptors,
+        client_address_header: raw
+            .client_address_header
+            .map(|header| header.to_ascii_lowercase()),
     })
 }
 
@@ -656,13 +739,30 @@ fn compile_routes(
             token_kinds.push(TokenKind::Jwt);
         }
 
-        let rate_limit = section.rate_limit.as_ref().and_then(|name| {
+        let policy = section.rate_limit.as_ref().and_then(|name| {
             let policy = rate_limits.get(&name.value).cloned();
             if policy.is_none() {
                 let message = format!("no rate limit named {:?}", name.value);
                 problems.add(Some(&name.referenced), key("rate_limit"), message);
             }
             policy
+        });
+        let cost = section
+            .rate_limit_cost
+            .as_ref()
+            .map_or(1, |cost| cost.value);
+        if let Some(spanned) = &section.rate_limit_cost {
+            check_cost(
+                policy.as_deref(),
+                spanned,
+                &key("rate_limit_cost"),
+                problems,
+            );
+        }
+        let rate_limit = policy.map(|policy| RouteLimit {
+            policy,
+            cost,
+            group: section.rate_limit_group.clone(),
         });
 
         if let Some(profile) = &section.profile
@@ -842,6 +942,184 @@ fn is_header_name(name: &str) -> bool {
         && name.bytes().all(|byte| {
             byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&byte)
         })
+}
+
+/// A cost must be at least 1 and fit in every burst, or no request could
+/// ever pass.
+fn check_cost(
+    policy: Option<&RateLimitPolicy>,
+    cost: &Spanned<u64>,
+    key: &str,
+    problems: &mut Problems,
+) {
+    if cost.value == 0 {
+        problems.add(Some(&cost.referenced), key, "must be at least 1");
+        return;
+    }
+
+    let Some(policy) = policy else { return };
+    let all = policy.limits.iter().chain(policy.tiers.values().flatten());
+    if let Some(limit) = all.into_iter().find(|limit| limit.burst < cost.value) {
+        let message = format!(
+            "is more than the {} requests policy {:?} ever admits at once",
+            limit.burst, policy.name
+        );
+        problems.add(Some(&cost.referenced), key, message);
+    }
+}
+
+fn compile_policy(
+    name: &str,
+    raw: file::RateLimitSection,
+    problems: &mut Problems,
+) -> RateLimitPolicy {
+    let key = |field: &str| format!("rate_limits.{name}.{field}");
+    let algorithm = raw.algorithm;
+
+    // One limit inline, or a list under `limits`, never both.
+    let inline = match (raw.requests, raw.window_seconds) {
+        (Some(requests), Some(window_seconds)) => Some(file::LimitSection {
+            requests,
+            window_seconds,
+            burst: raw.burst,
+        }),
+        (None, None) if raw.burst.is_none() => None,
+        _ => {
+            let message = "requests and window_seconds go together (burst needs both)";
+            problems.add(None, key("requests"), message);
+            None
+        }
+    };
+    let limits = match (inline, raw.limits) {
+        (Some(limit), None) => compile_limits(algorithm, &[limit], None, &key("limits"), problems),
+        (None, Some(list)) => compile_limits(
+            algorithm,
+            &list.value,
+            Some(&list.referenced),
+            &key("limits"),
+            problems,
+        ),
+        (Some(_), Some(list)) => {
+            let message = "give either requests and window_seconds, or limits";
+            problems.add(Some(&list.referenced), key("limits"), message);
+            Vec::new()
+        }
+        (None, None) => {
+            problems.add(None, key("limits"), "a policy needs at least one limit");
+            Vec::new()
+        }
+    };
+
+    let mut tiers = HashMap::new();
+    for (tier, section) in raw.tiers {
+        let tier_key = key(&format!("tiers.{tier}.limits"));
+        let list = &section.limits;
+        let limits = compile_limits(
+            algorithm,
+            &list.value,
+            Some(&list.referenced),
+            &tier_key,
+            problems,
+        );
+        tiers.insert(tier, limits);
+    }
+
+    RateLimitPolicy {
+        name: name.to_owned(),
+        algorithm,
+        limits,
+        tiers,
+        failure_mode: raw.failure_mode,
+        shadow: raw.shadow,
+        tier_claim: raw.tier_claim,
+        x_ratelimit_headers: raw.x_ratelimit_headers,
+    }
+}
+
+fn compile_limits(
+    algorithm: LimitAlgorithm,
+    raw: &[file::LimitSection],
+    location: Option<&Location>,
+    key: &str,
+    problems: &mut Problems,
+) -> Vec<Limit> {
+    if raw.is_empty() {
+        problems.add(location, key, "at least one limit is required");
+    }
+
+    let mut limits: Vec<Limit> = Vec::with_capacity(raw.len());
+    for section in raw {
+        if algorithm == LimitAlgorithm::FixedWindow && section.burst.is_some() {
+            problems.add(location, key, "burst applies to the gcra algorithm only");
+        }
+        let too_big = |value: NonZeroU64| value.get() > MAX_REQUESTS;
+        if too_big(section.requests) || section.burst.is_some_and(too_big) {
+            problems.add(
+                location,
+                key,
+                format!("requests and burst must be at most {MAX_REQUESTS}"),
+            );
+        }
+        if section.window_seconds.get() > MAX_WINDOW_SECONDS {
+            let message = format!("window_seconds must be at most {MAX_WINDOW_SECONDS} (a year)");
+            problems.add(location, key, message);
+        }
+
+        let limit = Limit {
+            requests: section.requests.get(),
+            window: Duration::from_secs(section.window_seconds.get()),
+            burst: section.burst.unwrap_or(section.requests).get(),
+        };
+
+        // The window names the counter, so two limits cannot share one.
+        if limits.iter().any(|other| other.window == limit.window) {
+            problems.add(location, key, "two limits have the same window");
+        }
+        limits.push(limit);
+    }
+    limits
+}
+
+fn compile_descriptors(
+    raw: file::RateLimitServiceSection,
+    rate_limits: &HashMap<String, Arc<RateLimitPolicy>>,
+    problems: &mut Problems,
+) -> Vec<Descriptor> {
+    let mut descriptors = Vec::new();
+
+    for (index, section) in raw.descriptors.into_iter().enumerate() {
+        let key = |field: &str| format!("rate_limit_service.descriptors[{index}].{field}");
+
+        if section.entries.value.is_empty() {
+            problems.add(
+                Some(&section.entries.referenced),
+                key("entries"),
+                "no entries",
+            );
+        }
+        let Some(policy) = rate_limits.get(&section.rate_limit.value) else {
+            let message = format!("no rate limit named {:?}", section.rate_limit.value);
+            problems.add(
+                Some(&section.rate_limit.referenced),
+                key("rate_limit"),
+                message,
+            );
+            continue;
+        };
+
+        let entries = section
+            .entries
+            .value
+            .into_iter()
+            .map(|entry| (entry.key, entry.value))
+            .collect();
+        descriptors.push(Descriptor {
+            domain: section.domain,
+            entries,
+            policy: policy.clone(),
+        });
+    }
+    descriptors
 }
 
 const KNOWN_METHODS: [&str; 9] = [

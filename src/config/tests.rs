@@ -64,8 +64,9 @@ fn good_file_compiles_with_expansion_and_defaults() {
     assert_eq!(config.routes[0].prefix, "/vehicles");
     assert_eq!(config.routes[0].methods, ["GET"]);
     let policy = config.routes[0].rate_limit.as_ref().expect("policy");
-    assert_eq!(policy.requests, 5);
-    assert_eq!(policy.failure_mode, FailureMode::Open);
+    assert_eq!(policy.policy.limits[0].requests, 5);
+    assert_eq!(policy.cost, 1);
+    assert_eq!(policy.policy.failure_mode, FailureMode::Open);
     assert!(config.routes[1].public);
     assert!(config.steps("mobile", "vehicles").is_some());
     assert!(config.steps("mobile", "status").is_none());
@@ -340,4 +341,17 @@ fn composites_need_an_upstream_and_sane_parts() {
         message.contains("parts[1].key: duplicate part key"),
         "{message}"
     );
+}
+
+#[test]
+fn a_policy_can_take_tiers_from_a_claim() {
+    let text = GOOD.replace(
+        "    failure_mode: open\n",
+        "    failure_mode: open\n    tier_claim: plan\n    tiers:\n      gold:\n        limits:\n          - {requests: 50, window_seconds: 60}\n",
+    );
+    let config = load(&text, &[("REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid file");
+    let policy = &config.routes[0].rate_limit.as_ref().expect("policy").policy;
+
+    assert_eq!(policy.tier_claim.as_deref(), Some("plan"));
+    assert_eq!(policy.limits_for(Some("gold")).0, Some("gold"));
 }

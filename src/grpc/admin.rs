@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
 use super::pb::{
-    ConfigVersion, Counters, GetConfigVersionRequest, GetCountersRequest, ReloadRequest,
-    ReloadResponse,
+    ConfigVersion, Counters, GetConfigVersionRequest, GetCountersRequest, GetRateLimitStatsRequest,
+    RateLimitStats, ReloadRequest, ReloadResponse,
 };
 use crate::state::State;
 
@@ -74,5 +74,16 @@ impl Admin for AdminService {
                 Err(Status::failed_precondition(err.to_string()))
             }
         }
+    }
+
+    async fn get_rate_limit_stats(
+        &self,
+        _request: Request<GetRateLimitStatsRequest>,
+    ) -> Result<Response<RateLimitStats>, Status> {
+        let limiter = &self.state.load().limiter;
+        Ok(Response::new(RateLimitStats {
+            fallbacks: limiter.fallbacks(),
+            ready: limiter.is_ready(),
+        }))
     }
 }

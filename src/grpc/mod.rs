@@ -1,4 +1,5 @@
-//! Thin gRPC adapters: Envoy's ext_authz and ext_proc, health, and
+//! Thin gRPC adapters: Envoy's ext_authz, ext_proc and rate-limit service,
+//! health, and
 //! Gatehouse's own admin API.
 //!
 //! This is the only place (with the server wiring) that touches tonic and
@@ -8,6 +9,7 @@
 pub mod admin;
 pub mod authz;
 pub mod proc;
+pub mod ratelimit;
 
 /// Gatehouse's own protobuf API, generated from `proto/`.
 pub mod pb {

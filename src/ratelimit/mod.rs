@@ -1,55 +1,148 @@
-//! Per-client rate limits: a policy, a key per client and policy, and a
-//! store that counts atomically.
+//! Per-client rate limits: policies with one or more limits, a key layout,
+//! and a store that decides atomically.
 //!
-//! With Redis every Gatehouse pod shares the counters; without it the counts
-//! live in this process and hold for one instance only.
+//! With Redis (standalone or Cluster) every Gatehouse pod shares the
+//! counters; without it they live in this process and hold for one instance
+//! only. Check and Envoy's rate-limit API both decide through [`Limiter`].
 
+pub mod descriptor;
+pub mod keys;
 mod memory;
 mod redis;
-mod scripts;
+pub mod scripts;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::config::{self, RateLimitPolicy};
+use crate::config::{self, FailureMode, Limit, RateLimitPolicy};
 use memory::MemoryStore;
 use redis::RedisStore;
 
-/// The outcome of counting one request against one policy.
+pub use keys::Subject;
+
+/// One request to count: who, under which policy, and how much it costs.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    /// The policy.
+    pub policy: &'a RateLimitPolicy,
+    /// Who is counted.
+    pub subject: Subject<'a>,
+    /// What the request counts as.
+    pub cost: u64,
+}
+
+impl<'a> Query<'a> {
+    /// A query for `client` under `policy`, with the limits of `tier` when
+    /// the policy defines that tier.
+    pub fn new(
+        policy: &'a RateLimitPolicy,
+        client: &'a str,
+        tier: Option<&'a str>,
+        group: Option<&'a str>,
+        cost: u64,
+    ) -> Self {
+        let (tier, _) = policy.limits_for(tier);
+        Self {
+            policy,
+            subject: Subject {
+                policy: &policy.name,
+                client,
+                group,
+                tier,
+            },
+            cost,
+        }
+    }
+
+    /// The limits that apply.
+    pub fn limits(&self) -> &'a [Limit] {
+        self.policy.limits_for(self.subject.tier).1
+    }
+}
+
+/// Where one limit stands after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
-    /// Whether the request fits in the limit.
-    pub allowed: bool,
-    /// The policy's limit per window.
-    pub limit: u64,
-    /// Requests left in the current window.
+pub struct LimitStatus {
+    /// The limit.
+    pub limit: Limit,
+    /// Requests that would still be admitted now.
     pub remaining: u64,
-    /// Time until the window resets.
+    /// Time until the limit is whole again (GCRA) or its window resets.
     pub reset: Duration,
 }
 
+/// The outcome of counting one request against every limit of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether every limit admits the request (if not, none was consumed).
+    pub allowed: bool,
+    /// The longest wait among the limits that refused.
+    pub retry_after: Duration,
+    /// Each limit, in the policy's order.
+    pub limits: Vec<LimitStatus>,
+}
+
 impl Verdict {
-    /// The standard headers describing this verdict.
+    /// The headers describing this verdict.
     ///
     /// `RateLimit-Policy` and `RateLimit` follow the IETF httpapi draft
-    /// "RateLimit header fields for HTTP" (draft-ietf-httpapi-ratelimit-headers-09).
+    /// "RateLimit header fields for HTTP" (draft-ietf-httpapi-ratelimit-headers-10),
+    /// one list member per limit. `X-RateLimit-*` describe the limit with the
+    /// fewest requests left, when the policy asks for them.
     pub fn headers(&self, policy: &RateLimitPolicy) -> Vec<(String, String)> {
-        let reset = crate::decision::seconds_up(self.reset);
-        vec![
-            (
-                "ratelimit-policy".to_owned(),
-                format!(
-                    "\"{}\";q={};w={}",
-                    policy.name,
-                    self.limit,
-                    policy.window.as_secs()
-                ),
-            ),
-            (
-                "ratelimit".to_owned(),
-                format!("\"{}\";r={};t={reset}", policy.name, self.remaining),
-            ),
-        ]
+        let name = |index: usize, limit: &Limit| {
+            if self.limits.len() == 1 {
+                policy.name.clone()
+            } else {
+                format!("{}-{index}-{}s", policy.name, limit.window.as_secs())
+            }
+        };
+
+        let mut policies = Vec::with_capacity(self.limits.len());
+        let mut states = Vec::with_capacity(self.limits.len());
+        for (index, status) in self.limits.iter().enumerate() {
+            let name = name(index, &status.limit);
+            let quota = status.limit.requests;
+            let window = status.limit.window.as_secs();
+            let reset = crate::decision::seconds_up(status.reset);
+            policies.push(format!("\"{name}\";q={quota};w={window}"));
+            states.push(format!("\"{name}\";r={};t={reset}", status.remaining));
+        }
+
+        let mut headers = vec![
+            ("ratelimit-policy".to_owned(), policies.join(", ")),
+            ("ratelimit".to_owned(), states.join(", ")),
+        ];
+
+        let tightest = self.limits.iter().min_by_key(|status| status.remaining);
+        if let (true, Some(status)) = (policy.x_ratelimit_headers, tightest) {
+            let reset = crate::decision::seconds_up(status.reset);
+            headers.push((
+                "x-ratelimit-limit".to_owned(),
+                status.limit.requests.to_string(),
+            ));
+            headers.push((
+                "x-ratelimit-remaining".to_owned(),
+                status.remaining.to_string(),
+            ));
+            headers.push(("x-ratelimit-reset".to_owned(), reset.to_string()));
+        }
+        headers
     }
+}
+
+/// What a policy decided for one request, its failure mode and shadow mode
+/// applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted (or over the limit under a shadow policy, which only reports).
+    Allowed(Verdict),
+    /// Over the limit; nothing was consumed.
+    Refused(Verdict),
+    /// The store failed and the policy fails open: admitted, not counted.
+    FailedOpen,
+    /// The store failed and the policy fails closed: refused.
+    FailedClosed,
 }
 
 /// Why a store could not decide.
@@ -63,17 +156,41 @@ pub enum StoreError {
     #[error("rate limit store is not connected")]
     NotConnected,
 
-    /// Redis answered with an error.
+    /// Redis answered with an error, or the connection failed.
     #[error("rate limit store failed: {0}")]
     Redis(#[from] ::redis::RedisError),
+
+    /// Redis answered something the scripts never return.
+    #[error("rate limit store gave an unexpected answer")]
+    BadReply,
 }
 
-/// Counts requests in Redis or in memory.
-pub enum Limiter {
-    /// Shared counters in Redis.
+impl StoreError {
+    /// Whether a retry may succeed: timeouts and connection trouble are
+    /// transient, a script error or a bad reply is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Timeout | Self::NotConnected => true,
+            Self::Redis(err) => {
+                err.is_timeout() || err.is_connection_dropped() || err.is_io_error()
+            }
+            Self::BadReply => false,
+        }
+    }
+}
+
+/// The store behind a [`Limiter`].
+enum Store {
     Redis(RedisStore),
-    /// Counters in this process.
     Memory(MemoryStore),
+}
+
+/// Counts requests in Redis or in memory, and applies each policy's failure
+/// and shadow modes.
+pub struct Limiter {
+    store: Store,
+    /// Decisions that fell back to a failure mode since start.
+    fallbacks: AtomicU64,
 }
 
 impl Limiter {
@@ -83,34 +200,76 @@ impl Limiter {
     ///
     /// When the Redis URL cannot be parsed.
     pub fn new(redis: Option<&config::Redis>) -> Result<Self, ::redis::RedisError> {
-        match redis {
-            Some(redis) => Ok(Self::Redis(RedisStore::new(redis)?)),
-            None => Ok(Self::Memory(MemoryStore::default())),
+        let store = match redis {
+            Some(redis) => Store::Redis(RedisStore::new(redis)?),
+            None => Store::Memory(MemoryStore::default()),
+        };
+        Ok(Self {
+            store,
+            fallbacks: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts `query` and applies the policy's modes.
+    pub async fn decide(&self, query: &Query<'_>) -> Outcome {
+        let policy = query.policy;
+
+        match self.check(query).await {
+            Ok(verdict) if verdict.allowed => Outcome::Allowed(verdict),
+            Ok(verdict) if policy.shadow => {
+                tracing::info!(
+                    ratelimit.policy = %policy.name,
+                    ratelimit.shadow = true,
+                    "over the limit; allowed because the policy is in shadow mode"
+                );
+                Outcome::Allowed(verdict)
+            }
+            Ok(verdict) => Outcome::Refused(verdict),
+            Err(err) => {
+                let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+                let open = policy.failure_mode == FailureMode::Open;
+                tracing::warn!(
+                    ratelimit.policy = %policy.name,
+                    ratelimit.fail_open = open,
+                    ratelimit.fallbacks = total,
+                    error.transient = err.is_transient(),
+                    error = %err,
+                    "rate limit store failed; policy failure mode applied"
+                );
+                if open {
+                    Outcome::FailedOpen
+                } else {
+                    Outcome::FailedClosed
+                }
+            }
         }
     }
 
-    /// Counts a request of `cost` by `client` against `policy`.
+    /// Counts `query` in the store, without applying any mode.
     ///
     /// # Errors
     ///
-    /// When the store cannot answer; the policy's failure mode decides then.
-    pub async fn check(
-        &self,
-        policy: &RateLimitPolicy,
-        client: &str,
-        cost: u64,
-    ) -> Result<Verdict, StoreError> {
-        match self {
-            Self::Redis(store) => store.check(policy, client, cost).await,
-            Self::Memory(store) => Ok(store.check(policy, client, cost)),
+    /// When the store cannot answer.
+    pub async fn check(&self, query: &Query<'_>) -> Result<Verdict, StoreError> {
+        match &self.store {
+            Store::Redis(store) => store.check(query).await,
+            Store::Memory(store) => Ok(store.check(query)),
         }
+    }
+
+    /// Decisions that fell back to a failure mode since this limiter started.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     /// Whether decisions can be made now, which readiness reports.
     pub fn is_ready(&self) -> bool {
-        match self {
-            Self::Redis(store) => store.is_connected(),
-            Self::Memory(_) => true,
+        match &self.store {
+            Store::Redis(store) => store.is_connected(),
+            Store::Memory(_) => true,
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

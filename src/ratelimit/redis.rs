@@ -1,26 +1,49 @@
-//! Counters in a shared Redis.
+//! Counters in a shared Redis, standalone or Cluster.
 //!
-//! The connection is made in the background and re-made by the connection
-//! manager after a failure; a request never waits for a connection. Each call
+//! The connection is made in the background and re-made by the redis crate
+//! after a failure (a connection manager for one server, the cluster
+//! connection for a Cluster; both multiplex every request over one
+//! connection per node). A request never waits for a connection: each call
 //! has its own time budget, well inside Envoy's ext_authz timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script};
+use tracing::Instrument;
 
-use super::{StoreError, Verdict, scripts};
-use crate::config::{self, RateLimitPolicy};
+use super::memory::interval;
+use super::{LimitStatus, Query, StoreError, Verdict, keys, scripts};
+use crate::config::{self, LimitAlgorithm};
 
 /// How long to wait between attempts at the first connection.
 const CONNECT_RETRY: Duration = Duration::from_millis(500);
 
+/// Connection attempts get at least this long, whatever the call budget.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// A multiplexed connection to one server or to a Cluster.
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// How to connect, kept for the background task.
+enum Target {
+    Standalone(Client),
+    Cluster(Box<ClusterClient>),
+}
+
 /// Rate-limit counters in Redis.
 pub struct RedisStore {
-    connection: Arc<ArcSwapOption<ConnectionManager>>,
-    script: Script,
+    connection: Arc<ArcSwapOption<Connection>>,
+    gcra: Script,
+    fixed_window: Script,
     timeout: Duration,
     key_prefix: String,
 }
@@ -32,14 +55,27 @@ impl RedisStore {
     ///
     /// When the URL cannot be parsed.
     pub fn new(redis: &config::Redis) -> Result<Self, redis::RedisError> {
-        let client = Client::open(redis.url.as_str())?;
-        let connection = Arc::new(ArcSwapOption::empty());
+        let connect_timeout = redis.timeout.max(MIN_CONNECT_TIMEOUT);
+        let target = if redis.cluster {
+            let client = ClusterClient::builder(vec![redis.url.as_str()])
+                .connection_timeout(connect_timeout)
+                .response_timeout(connect_timeout)
+                .retries(2)
+                .min_retry_wait(20)
+                .max_retry_wait(200)
+                .build()?;
+            Target::Cluster(Box::new(client))
+        } else {
+            Target::Standalone(Client::open(redis.url.as_str())?)
+        };
 
-        tokio::spawn(connect(client, redis.timeout, connection.clone()));
+        let connection = Arc::new(ArcSwapOption::empty());
+        tokio::spawn(connect(target, connect_timeout, connection.clone()));
 
         Ok(Self {
             connection,
-            script: Script::new(scripts::FIXED_WINDOW),
+            gcra: Script::new(scripts::GCRA),
+            fixed_window: Script::new(scripts::FIXED_WINDOW),
             timeout: redis.timeout,
             key_prefix: redis.key_prefix.clone(),
         })
@@ -50,54 +86,100 @@ impl RedisStore {
         self.connection.load().is_some()
     }
 
-    /// Counts one request in one round trip.
-    pub async fn check(
-        &self,
-        policy: &RateLimitPolicy,
-        client: &str,
-        cost: u64,
-    ) -> Result<Verdict, StoreError> {
+    /// Decides `query` in one round trip: one script over every limit.
+    pub async fn check(&self, query: &Query<'_>) -> Result<Verdict, StoreError> {
         let Some(connection) = self.connection.load_full() else {
             return Err(StoreError::NotConnected);
         };
-        let mut connection = (*connection).clone();
+        let algorithm = query.policy.algorithm;
+        let limits = query.limits();
 
-        let key = counter_key(&self.key_prefix, &policy.name, client);
-        let window_ms = u64::try_from(policy.window.as_millis()).unwrap_or(u64::MAX);
-        let mut invocation = self.script.key(key);
-        invocation.arg(cost).arg(policy.requests).arg(window_ms);
+        // Build the invocation: one key per limit, two numbers per limit.
+        let script = match algorithm {
+            LimitAlgorithm::Gcra => &self.gcra,
+            LimitAlgorithm::FixedWindow => &self.fixed_window,
+        };
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(query.cost);
+        for limit in limits {
+            invocation.key(keys::counter(
+                &self.key_prefix,
+                &query.subject,
+                algorithm,
+                limit,
+            ));
+            match algorithm {
+                LimitAlgorithm::Gcra => {
+                    let micros = u64::try_from(interval(limit).as_micros()).unwrap_or(u64::MAX);
+                    invocation.arg(micros).arg(limit.burst)
+                }
+                LimitAlgorithm::FixedWindow => {
+                    let millis = u64::try_from(limit.window.as_millis()).unwrap_or(u64::MAX);
+                    invocation.arg(limit.requests).arg(millis)
+                }
+            };
+        }
 
-        let call = invocation.invoke_async::<(u8, u64, i64)>(&mut connection);
-        let span = tracing::debug_span!("redis.evalsha", ratelimit.policy = %policy.name);
-        let (allowed, count, ttl_ms) =
-            tracing::Instrument::instrument(tokio::time::timeout(self.timeout, call), span)
-                .await
-                .map_err(|_| StoreError::Timeout)??;
+        let call = async {
+            match (*connection).clone() {
+                Connection::Standalone(mut conn) => invoke(&invocation, &mut conn).await,
+                Connection::Cluster(mut conn) => invoke(&invocation, &mut conn).await,
+            }
+        };
+        let span = tracing::debug_span!("redis.evalsha", ratelimit.policy = %query.policy.name);
+        let reply = tokio::time::timeout(self.timeout, call)
+            .instrument(span)
+            .await
+            .map_err(|_| StoreError::Timeout)??;
 
-        Ok(Verdict {
-            allowed: allowed == 1,
-            limit: policy.requests,
-            remaining: policy.requests.saturating_sub(count),
-            reset: Duration::from_millis(u64::try_from(ttl_ms.max(1)).unwrap_or(1)),
-        })
+        verdict(&reply, limits)
     }
 }
 
-/// The counter key for a client under a policy.
-///
-/// The hash tag (`{…}`) keeps every key of one client and policy in one Redis
-/// Cluster slot. The client id comes from a verified token or from Envoy's
-/// view of the client address, so it is bounded; it is length-limited anyway.
-fn counter_key(prefix: &str, policy: &str, client: &str) -> String {
-    let client: String = client.chars().take(256).collect();
-    format!("{prefix}:rl:{{{policy}:{client}}}")
+async fn invoke(
+    invocation: &redis::ScriptInvocation<'_>,
+    connection: &mut impl ConnectionLike,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(invocation.invoke_async::<Vec<i64>>(connection).await?)
 }
 
-async fn connect(client: Client, timeout: Duration, slot: Arc<ArcSwapOption<ConnectionManager>>) {
+/// Reads the scripts' reply: `{allowed, retry ms, (remaining, reset ms)…}`.
+fn verdict(reply: &[i64], limits: &[config::Limit]) -> Result<Verdict, StoreError> {
+    let [allowed, retry_ms, pairs @ ..] = reply else {
+        return Err(StoreError::BadReply);
+    };
+    if pairs.len() != limits.len() * 2 {
+        return Err(StoreError::BadReply);
+    }
+    let millis = |value: i64| Duration::from_millis(u64::try_from(value).unwrap_or(0));
+
+    let statuses = limits
+        .iter()
+        .zip(pairs.chunks_exact(2))
+        .map(|(limit, pair)| LimitStatus {
+            limit: *limit,
+            remaining: u64::try_from(pair[0]).unwrap_or(0),
+            reset: millis(pair[1]),
+        })
+        .collect();
+
+    Ok(Verdict {
+        allowed: *allowed == 1,
+        retry_after: millis(*retry_ms),
+        limits: statuses,
+    })
+}
+
+async fn connect(target: Target, timeout: Duration, slot: Arc<ArcSwapOption<Connection>>) {
+    // After a failure the manager reconnects on the next call, waiting at
+    // most a few hundred milliseconds between attempts, so decisions resume
+    // within a second of Redis coming back.
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-        .set_response_timeout(Some(timeout.max(Duration::from_millis(250))))
-        .set_number_of_retries(2);
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(200));
 
     loop {
         // Only this task holds the slot once a reload dropped the store.
@@ -105,10 +187,18 @@ async fn connect(client: Client, timeout: Duration, slot: Arc<ArcSwapOption<Conn
             return;
         }
 
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-            Ok(manager) => {
+        let attempt = match &target {
+            Target::Standalone(client) => {
+                ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Connection::Standalone)
+            }
+            Target::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
+        };
+        match attempt {
+            Ok(connection) => {
                 tracing::info!("connected to redis");
-                slot.store(Some(Arc::new(manager)));
+                slot.store(Some(Arc::new(connection)));
                 return;
             }
             Err(err) => {
@@ -121,13 +211,38 @@ async fn connect(client: Client, timeout: Duration, slot: Arc<ArcSwapOption<Conn
 
 #[cfg(test)]
 mod tests {
-    use super::counter_key;
+    use super::*;
+    use crate::config::Limit;
+
+    fn limits() -> Vec<Limit> {
+        let limit = |secs| Limit {
+            requests: 10,
+            window: Duration::from_secs(secs),
+            burst: 10,
+        };
+        vec![limit(1), limit(60)]
+    }
 
     #[test]
-    fn keys_carry_a_hash_tag_per_client_and_policy() {
-        assert_eq!(
-            counter_key("gh", "standard", "app-1"),
-            "gh:rl:{standard:app-1}"
-        );
+    fn a_reply_gives_one_status_per_limit_in_order() {
+        let verdict = verdict(&[0, 1500, 3, 200, 0, 59_000], &limits()).expect("a verdict");
+
+        assert!(!verdict.allowed);
+        assert_eq!(verdict.retry_after, Duration::from_millis(1500));
+        assert_eq!(verdict.limits[0].remaining, 3);
+        assert_eq!(verdict.limits[1].reset, Duration::from_secs(59));
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_an_error_not_a_guess() {
+        assert!(matches!(
+            verdict(&[1, 0, 3, 200], &limits()),
+            Err(StoreError::BadReply)
+        ));
+        assert!(matches!(
+            verdict(&[1], &limits()),
+            Err(StoreError::BadReply)
+        ));
+        assert!(!StoreError::BadReply.is_transient());
     }
 }

@@ -266,9 +266,15 @@ pub fn envoy_binary() -> PathBuf {
 /// A Redis server on a free port, without persistence.
 pub fn redis(dir: &Path) -> (Proc, u16) {
     let port = free_port();
+    (redis_on(dir, "redis", port, &[]), port)
+}
+
+/// A Redis server named `name` on `port` (to restart one on the same port),
+/// without persistence, with `extra` arguments.
+pub fn redis_on(dir: &Path, name: &str, port: u16, extra: &[&str]) -> Proc {
     let binary = require("redis-server", "Debian package redis-server");
     let port_arg = port.to_string();
-    let args = [
+    let mut args = vec![
         "--port",
         &port_arg,
         "--bind",
@@ -278,10 +284,65 @@ pub fn redis(dir: &Path) -> (Proc, u16) {
         "--appendonly",
         "no",
     ];
+    args.extend_from_slice(extra);
 
-    let mut proc = Proc::start("redis", dir, &binary, &args, &[]);
+    let mut proc = Proc::start(name, dir, &binary, &args, &[]);
     proc.wait_for_port(port);
-    (proc, port)
+    proc
+}
+
+/// A local Redis Cluster of three masters on free ports, slots assigned and
+/// the cluster state `ok` on every node.
+pub fn redis_cluster(dir: &Path) -> (Vec<Proc>, Vec<u16>) {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (index, port) in ports.iter().enumerate() {
+        let conf = dir.join(format!("cluster-nodes-{port}.conf"));
+        let conf = conf.display().to_string();
+        let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &conf];
+        nodes.push(redis_on(
+            dir,
+            &format!("redis-cluster-{index}"),
+            *port,
+            &extra,
+        ));
+    }
+
+    let cli = require("redis-cli", "Debian package redis-server");
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let created = Command::new(&cli)
+        .arg("--cluster")
+        .arg("create")
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&created.stdout),
+        String::from_utf8_lossy(&created.stderr)
+    );
+
+    // The nodes agree on the slots a moment after creation.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for port in &ports {
+        loop {
+            let info = Command::new(&cli)
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .expect("run redis-cli cluster info");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "redis cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    (nodes, ports)
 }
 
 /// The OAuth2 provider on `port` (a free one when `None`), signing with keys
@@ -374,6 +435,17 @@ pub fn gatehouse(
     env: &[(String, String)],
     direct: bool,
 ) -> (Proc, GatehousePorts) {
+    gatehouse_named("gatehouse", dir, config, env, direct)
+}
+
+/// As [`gatehouse`], logging to `dir/name.log`, so that several can run.
+pub fn gatehouse_named(
+    name: &str,
+    dir: &Path,
+    config: &Path,
+    env: &[(String, String)],
+    direct: bool,
+) -> (Proc, GatehousePorts) {
     let port_of = |name: &str| {
         env.iter()
             .find(|(key, _)| key == name)
@@ -392,9 +464,9 @@ pub fn gatehouse(
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
     let mut proc = if direct {
-        Proc::start_direct("gatehouse", dir, &binary, &args, &env)
+        Proc::start_direct(name, dir, &binary, &args, &env)
     } else {
-        Proc::start("gatehouse", dir, &binary, &args, &env)
+        Proc::start(name, dir, &binary, &args, &env)
     };
     proc.wait_for_port(grpc);
     proc.wait_for_port(admin);

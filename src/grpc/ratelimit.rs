@@ -1,0 +1,238 @@
+//! Envoy's `envoy.service.ratelimit.v3.RateLimitService`, so that Envoy's own
+//! global rate-limit filter can count with Gatehouse's policies.
+//!
+//! Each descriptor in a request is matched against the configured ones (see
+//! [`crate::ratelimit::descriptor`]) and decided on its own; one over its
+//! limit makes the whole answer `OVER_LIMIT`, and Envoy answers 429.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::config::RateLimitPolicy;
+use crate::decision;
+use crate::ratelimit::{Outcome, Query, Verdict, descriptor};
+use crate::state::State;
+
+/// Serves `ShouldRateLimit` for Envoy's rate-limit filters.
+pub struct RateLimitServer {
+    state: Arc<State>,
+}
+
+impl RateLimitServer {
+    /// A service deciding with the state's current version.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RateLimitServer {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!(
+            "should_rate_limit",
+            ratelimit.domain = %request.domain,
+            ratelimit.descriptors = request.descriptors.len(),
+        );
+        let runtime = self.state.load();
+
+        async move {
+            let default_cost = u64::from(request.hits_addend.max(1));
+            let mut overall = Code::Ok;
+            let mut statuses = Vec::with_capacity(request.descriptors.len());
+            let mut headers = Vec::new();
+            let mut retry_after = Duration::ZERO;
+
+            for sent in &request.descriptors {
+                let entries: Vec<(String, String)> = sent
+                    .entries
+                    .iter()
+                    .map(|entry| (entry.key.clone(), entry.value.clone()))
+                    .collect();
+                let matched =
+                    descriptor::find(&runtime.config.descriptors, &request.domain, &entries);
+                let Some((configured, client)) = matched else {
+                    // Nothing configured for it: not limited here.
+                    statuses.push(status(Code::Ok, None));
+                    continue;
+                };
+
+                // TODO: negative hits (`is_negative_hits`) are counted as
+                // positive ones; returning quota is not supported yet.
+                let cost = sent
+                    .hits_addend
+                    .map_or(default_cost, |value| value.value.max(1));
+                let policy = &configured.policy;
+                let query = Query::new(policy, &client, None, None, cost);
+
+                // A policy that fails closed answers with a gRPC error: Envoy's
+                // `failure_mode_deny` and `status_on_error` then decide the
+                // client's answer, as for ext_authz. One that fails open lets
+                // the descriptor through uncounted.
+                match runtime.limiter.decide(&query).await {
+                    Outcome::Allowed(verdict) => {
+                        // A refused descriptor's headers explain the 429, so
+                        // an allowed one never replaces them.
+                        if overall == Code::Ok {
+                            headers = verdict.headers(policy);
+                        }
+                        statuses.push(status(Code::Ok, Some((policy, &verdict))));
+                    }
+                    Outcome::Refused(verdict) => {
+                        if verdict.retry_after >= retry_after {
+                            headers = verdict.headers(policy);
+                        }
+                        overall = Code::OverLimit;
+                        retry_after = retry_after.max(verdict.retry_after);
+                        statuses.push(status(Code::OverLimit, Some((policy, &verdict))));
+                    }
+                    Outcome::FailedOpen => statuses.push(status(Code::Ok, None)),
+                    Outcome::FailedClosed => {
+                        return Err(Status::unavailable("rate limit store unavailable"));
+                    }
+                }
+            }
+
+            if overall == Code::OverLimit {
+                headers.push(decision::retry_after_header(retry_after));
+                tracing::info!(
+                    ratelimit.decision = "over_limit",
+                    "descriptor over its limit"
+                );
+            }
+            let response = RateLimitResponse {
+                overall_code: overall.into(),
+                statuses,
+                response_headers_to_add: headers.into_iter().map(header).collect(),
+                ..RateLimitResponse::default()
+            };
+            Ok(Response::new(response))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A descriptor's status; the limit reported is its tightest.
+fn status(code: Code, decided: Option<(&RateLimitPolicy, &Verdict)>) -> DescriptorStatus {
+    let mut status = DescriptorStatus {
+        code: code.into(),
+        ..DescriptorStatus::default()
+    };
+    let Some((policy, verdict)) = decided else {
+        return status;
+    };
+    let Some(tightest) = verdict.limits.iter().min_by_key(|limit| limit.remaining) else {
+        return status;
+    };
+
+    let (unit, per_unit) = unit(tightest.limit.window, tightest.limit.requests);
+    status.current_limit = Some(RateLimit {
+        name: policy.name.clone(),
+        requests_per_unit: per_unit,
+        unit: unit.into(),
+    });
+    status.limit_remaining = u32::try_from(tightest.remaining).unwrap_or(u32::MAX);
+    status.duration_until_reset = Some(envoy_types::pb::google::protobuf::Duration {
+        seconds: i64::try_from(tightest.reset.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(tightest.reset.subsec_nanos()).unwrap_or(0),
+    });
+    status
+}
+
+/// Envoy's units are whole seconds, minutes, hours and days; other windows
+/// are reported as `UNKNOWN` with the window's own count.
+fn unit(window: Duration, requests: u64) -> (Unit, u32) {
+    let unit = match window.as_secs() {
+        1 => Unit::Second,
+        60 => Unit::Minute,
+        3600 => Unit::Hour,
+        86_400 => Unit::Day,
+        _ => Unit::Unknown,
+    };
+    (unit, u32::try_from(requests).unwrap_or(u32::MAX))
+}
+
+fn header((key, value): (String, String)) -> HeaderValue {
+    HeaderValue {
+        key,
+        value,
+        raw_value: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::{FailureMode, Limit, LimitAlgorithm};
+    use crate::ratelimit::LimitStatus;
+
+    #[test]
+    fn whole_units_map_to_envoys_and_others_are_unknown() {
+        assert_eq!(unit(Duration::from_secs(1), 10), (Unit::Second, 10));
+        assert_eq!(unit(Duration::from_secs(3600), 100), (Unit::Hour, 100));
+        assert_eq!(unit(Duration::from_secs(7), 3), (Unit::Unknown, 3));
+    }
+
+    #[test]
+    fn a_status_reports_the_tightest_limit() {
+        let limit = |requests, secs| Limit {
+            requests,
+            window: Duration::from_secs(secs),
+            burst: requests,
+        };
+        let policy = RateLimitPolicy {
+            tier_claim: None,
+            name: "edge".to_owned(),
+            algorithm: LimitAlgorithm::Gcra,
+            limits: vec![limit(10, 1), limit(100, 60)],
+            tiers: HashMap::new(),
+            failure_mode: FailureMode::Closed,
+            shadow: false,
+            x_ratelimit_headers: false,
+        };
+        let verdict = Verdict {
+            allowed: false,
+            retry_after: Duration::from_secs(2),
+            limits: vec![
+                LimitStatus {
+                    limit: policy.limits[0],
+                    remaining: 4,
+                    reset: Duration::from_millis(600),
+                },
+                LimitStatus {
+                    limit: policy.limits[1],
+                    remaining: 0,
+                    reset: Duration::from_millis(1500),
+                },
+            ],
+        };
+
+        let status = status(Code::OverLimit, Some((&policy, &verdict)));
+
+        assert_eq!(status.code, i32::from(Code::OverLimit));
+        let current = status.current_limit.expect("a limit");
+        assert_eq!(
+            (current.requests_per_unit, current.unit),
+            (100, Unit::Minute.into())
+        );
+        assert_eq!(status.limit_remaining, 0);
+        let reset = status.duration_until_reset.expect("a reset");
+        assert_eq!((reset.seconds, reset.nanos), (1, 500_000_000));
+    }
+}

@@ -1,0 +1,189 @@
+//! The in-memory store on paused time: the same rules the Redis scripts
+//! follow, checked without a clock.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+use crate::config::{FailureMode, Limit, LimitAlgorithm, RateLimitPolicy};
+
+fn limit(requests: u64, window_secs: u64, burst: u64) -> Limit {
+    Limit {
+        requests,
+        window: Duration::from_secs(window_secs),
+        burst,
+    }
+}
+
+fn policy(algorithm: LimitAlgorithm, limits: Vec<Limit>) -> RateLimitPolicy {
+    RateLimitPolicy {
+        name: "p".to_owned(),
+        tier_claim: None,
+        algorithm,
+        limits,
+        tiers: HashMap::new(),
+        failure_mode: FailureMode::Closed,
+        shadow: false,
+        x_ratelimit_headers: false,
+    }
+}
+
+async fn decide(limiter: &Limiter, policy: &RateLimitPolicy, client: &str, cost: u64) -> Verdict {
+    let query = Query::new(policy, client, None, None, cost);
+    limiter.check(&query).await.expect("memory never fails")
+}
+
+fn memory() -> Limiter {
+    Limiter::new(None).expect("memory limiter")
+}
+
+#[tokio::test(start_paused = true)]
+async fn gcra_admits_the_burst_then_one_per_interval() {
+    let limiter = memory();
+    let policy = policy(LimitAlgorithm::Gcra, vec![limit(4, 4, 4)]);
+
+    for remaining in [3, 2, 1, 0] {
+        let verdict = decide(&limiter, &policy, "c", 1).await;
+        assert!(verdict.allowed);
+        assert_eq!(verdict.limits[0].remaining, remaining);
+    }
+    let refused = decide(&limiter, &policy, "c", 1).await;
+    assert!(!refused.allowed);
+    assert_eq!(refused.retry_after, Duration::from_secs(1));
+
+    // Half a window later two requests' worth has come back, not a whole
+    // new burst: no window edge to exploit.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+    assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+    assert!(!decide(&limiter, &policy, "c", 1).await.allowed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_window_resets_whole_at_the_window_end() {
+    let limiter = memory();
+    let policy = policy(LimitAlgorithm::FixedWindow, vec![limit(3, 60, 3)]);
+
+    for _ in 0..3 {
+        assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+    }
+    let refused = decide(&limiter, &policy, "c", 1).await;
+    assert!(!refused.allowed);
+    assert_eq!(refused.retry_after, Duration::from_secs(60));
+
+    tokio::time::advance(Duration::from_secs(60)).await;
+    for _ in 0..3 {
+        assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_limits_are_all_or_nothing_with_the_longest_wait() {
+    let limiter = memory();
+    for algorithm in [LimitAlgorithm::Gcra, LimitAlgorithm::FixedWindow] {
+        // 2 a second and 3 a minute.
+        let policy = policy(algorithm, vec![limit(2, 1, 2), limit(3, 60, 3)]);
+        let client = format!("{algorithm:?}");
+
+        assert!(decide(&limiter, &policy, &client, 2).await.allowed);
+        // The per-second limit refuses; the per-minute one must not be
+        // charged for it.
+        let refused = decide(&limiter, &policy, &client, 1).await;
+        assert!(!refused.allowed, "{algorithm:?}");
+        assert_eq!(refused.limits[1].remaining, 1, "{algorithm:?}");
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            decide(&limiter, &policy, &client, 1).await.allowed,
+            "{algorithm:?}"
+        );
+
+        // Now the minute is used up: the wait is the minute's, the longer.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let refused = decide(&limiter, &policy, &client, 1).await;
+        assert!(!refused.allowed, "{algorithm:?}");
+        assert!(
+            refused.retry_after > Duration::from_secs(10),
+            "{algorithm:?}: {refused:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn clients_tiers_and_groups_count_separately() {
+    let limiter = memory();
+    let mut policy = policy(LimitAlgorithm::Gcra, vec![limit(1, 60, 1)]);
+    policy
+        .tiers
+        .insert("gold".to_owned(), vec![limit(3, 60, 3)]);
+
+    assert!(decide(&limiter, &policy, "a", 1).await.allowed);
+    assert!(decide(&limiter, &policy, "b", 1).await.allowed);
+    assert!(!decide(&limiter, &policy, "a", 1).await.allowed);
+
+    let grouped = Query::new(&policy, "a", None, Some("writes"), 1);
+    assert!(limiter.check(&grouped).await.expect("verdict").allowed);
+
+    let gold = Query::new(&policy, "g", Some("gold"), None, 1);
+    for _ in 0..3 {
+        assert!(limiter.check(&gold).await.expect("verdict").allowed);
+    }
+    assert!(!limiter.check(&gold).await.expect("verdict").allowed);
+
+    // A tier the policy does not define falls back to its own limits.
+    let unknown = Query::new(&policy, "u", Some("silver"), None, 1);
+    assert_eq!(unknown.limits(), &policy.limits[..]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_reports_but_never_refuses() {
+    let limiter = memory();
+    let mut policy = policy(LimitAlgorithm::Gcra, vec![limit(1, 60, 1)]);
+    policy.shadow = true;
+    let query = Query::new(&policy, "c", None, None, 1);
+
+    assert!(matches!(limiter.decide(&query).await, Outcome::Allowed(_)));
+    match limiter.decide(&query).await {
+        Outcome::Allowed(verdict) => assert!(!verdict.allowed, "reported as over the limit"),
+        other => panic!("shadow mode refused: {other:?}"),
+    }
+}
+
+#[test]
+fn headers_follow_the_draft_with_one_member_per_limit() {
+    let mut policy = policy(
+        LimitAlgorithm::Gcra,
+        vec![limit(10, 1, 10), limit(1000, 3600, 1000)],
+    );
+    policy.name = "api".to_owned();
+    policy.x_ratelimit_headers = true;
+    let verdict = Verdict {
+        allowed: true,
+        retry_after: Duration::ZERO,
+        limits: vec![
+            LimitStatus {
+                limit: policy.limits[0],
+                remaining: 9,
+                reset: Duration::from_millis(100),
+            },
+            LimitStatus {
+                limit: policy.limits[1],
+                remaining: 999,
+                reset: Duration::from_millis(3_600),
+            },
+        ],
+    };
+
+    let headers: HashMap<String, String> = verdict.headers(&policy).into_iter().collect();
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"api-0-1s\";q=10;w=1, \"api-1-3600s\";q=1000;w=3600"
+    );
+    assert_eq!(
+        headers["ratelimit"],
+        "\"api-0-1s\";r=9;t=1, \"api-1-3600s\";r=999;t=4"
+    );
+    assert_eq!(headers["x-ratelimit-limit"], "10");
+    assert_eq!(headers["x-ratelimit-remaining"], "9");
+    assert_eq!(headers["x-ratelimit-reset"], "1");
+}
