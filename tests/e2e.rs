@@ -241,13 +241,13 @@ async fn mobile_client_gets_the_reshaped_body_with_a_correct_length() {
     assert_eq!(response.status(), StatusCode::OK);
 
     // The upstream's content-length described the full body; the reshaped
-    // one is sent with its own length or chunked, never with the old one.
-    let length: Option<usize> =
-        header(&response, "content-length").map(|v| v.parse().expect("number"));
+    // one is sent with its own length, never the old one and never chunked.
+    let length: usize = header(&response, "content-length")
+        .expect("a reshaped body of known length keeps a content-length")
+        .parse()
+        .expect("number");
     let bytes = response.bytes().await.expect("body");
-    if let Some(length) = length {
-        assert_eq!(bytes.len(), length);
-    }
+    assert_eq!(bytes.len(), length);
     let direct = reqwest::get(format!(
         "http://127.0.0.1:{}/vehicles",
         stack().vehicles_port

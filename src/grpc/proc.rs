@@ -269,11 +269,9 @@ impl Exchange {
                 response.mode_override = Some(buffer_body(plan.unknown_length));
                 self.plan = Some(plan);
 
-                // Envoy compares a replaced body with the content-length it
-                // holds; dropping the old length here and setting the new one
-                // with the body keeps the two in agreement. The upstream's
-                // ETag names the body it sent, not the one the client gets.
-                mutation.remove_headers.push("content-length".to_owned());
+                // The upstream's ETag names the body it sent, not the one the
+                // client gets. The content-length stays: in BUFFERED mode the
+                // body reply sets the new one (see `buffer_body`).
                 mutation.remove_headers.push("etag".to_owned());
             }
             Err(reason) => {
@@ -313,16 +311,18 @@ impl Exchange {
             return body_reply(None);
         };
 
-        // Envoy refuses a replaced body whose content-length disagrees, so
-        // the length is set in the same reply as the body, changed or not.
-        let length = new_body.as_ref().map_or(body.len(), Vec::len).to_string();
-        let mut common = CommonResponse {
-            header_mutation: Some(HeaderMutation {
+        // Envoy holds the response headers until this reply and refuses a
+        // replaced body whose content-length disagrees, so a body of known
+        // length gets its new length here. One of unknown length goes on
+        // chunked: Envoy dropped its length when it buffered it partially.
+        let mut common = CommonResponse::default();
+        if !plan.unknown_length {
+            let length = new_body.as_ref().map_or(body.len(), Vec::len).to_string();
+            common.header_mutation = Some(HeaderMutation {
                 set_headers: vec![set_header("content-length", &length)],
                 remove_headers: Vec::new(),
-            }),
-            ..CommonResponse::default()
-        };
+            });
+        }
         if let Some(new_body) = new_body {
             common.body_mutation = Some(BodyMutation {
                 mutation: Some(body_mutation::Mutation::Body(new_body)),
@@ -352,6 +352,11 @@ fn reply(response: processing_response::Response) -> ProcessingResponse {
 /// unknown length (chunked) is buffered partially: Envoy hands over at most
 /// its buffer limit, and a body that outgrows it streams on unchanged
 /// instead of failing.
+///
+/// The response headers stay marked as sent: Envoy keeps a buffered body's
+/// `content-length` only in BUFFERED mode with headers sent, and leaves it
+/// to the processor to set the new one; otherwise it drops the length and
+/// the client gets a chunked answer.
 fn buffer_body(unknown_length: bool) -> ProcessingMode {
     let mode = if unknown_length {
         BodySendMode::BufferedPartial
@@ -361,7 +366,7 @@ fn buffer_body(unknown_length: bool) -> ProcessingMode {
 
     ProcessingMode {
         request_header_mode: HeaderSendMode::Skip.into(),
-        response_header_mode: HeaderSendMode::Skip.into(),
+        response_header_mode: HeaderSendMode::Send.into(),
         request_body_mode: BodySendMode::None.into(),
         response_body_mode: mode.into(),
         request_trailer_mode: HeaderSendMode::Skip.into(),
