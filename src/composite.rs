@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::config::{Composite, MergeMode, Part};
 use crate::metrics::Counter;
 use crate::reshape::{self, Step};
+use crate::shaping::OUTPUT_FACTOR;
 
 /// The response header that lists the parts that did not arrive.
 pub const PARTIAL_HEADER: &str = "x-gatehouse-partial";
@@ -22,7 +23,8 @@ pub const PARTIAL_FIELD: &str = "partial_failures";
 /// The answer to send the client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    /// HTTP status: 200 when any part arrived, 502 when none did.
+    /// HTTP status: 200 when any part arrived, 502 when none did (or the
+    /// shaped answer would be too large).
     pub status: u16,
     /// Response headers besides `content-type`.
     pub headers: Vec<(String, String)>,
@@ -63,7 +65,7 @@ fn client() -> &'static reqwest::Client {
 pub async fn answer(
     composite: &Composite,
     forward: &[(String, String)],
-    steps: &[Step],
+    steps: Vec<Step>,
     max_body_bytes: u64,
 ) -> Answer {
     let fetches = composite
@@ -76,7 +78,7 @@ pub async fn answer(
     let mut arrived = Vec::new();
     for (part, result) in composite.parts.iter().zip(results) {
         match result {
-            Ok(value) => arrived.push((part.key.as_str(), value)),
+            Ok(value) => arrived.push((part.key.clone(), value)),
             Err(err) => {
                 Counter::CompositeBackendFailed.inc();
                 tracing::info!(composite.part = %part.key, error = %err, "composite part missing");
@@ -85,8 +87,41 @@ pub async fn answer(
         }
     }
 
-    let mut body = merge(composite.merge, arrived, &mut failures);
-    reshape::apply(steps, &mut body);
+    // Merging and shaping up to a few bodies of the limit is CPU work:
+    // it runs on the blocking pool, off the workers that serve Check.
+    let parts = composite.parts.len();
+    let max_output = max_body_bytes
+        .saturating_mul(OUTPUT_FACTOR)
+        .saturating_mul(parts.max(1) as u64);
+    let merge_mode = composite.merge;
+    let build = move || build(merge_mode, arrived, failures, &steps, parts, max_output);
+    let answer = match tokio::task::spawn_blocking(build).await {
+        Ok(answer) => answer,
+        Err(err) => {
+            tracing::warn!(error = %err, "composite answer could not be built");
+            failed("composite_failed")
+        }
+    };
+    Counter::CompositeAnswered.inc();
+    answer
+}
+
+/// Merges what arrived, shapes it and adds the failures.
+fn build(
+    mode: MergeMode,
+    arrived: Vec<(String, Value)>,
+    mut failures: Map<String, Value>,
+    steps: &[Step],
+    parts: usize,
+    max_output: u64,
+) -> Answer {
+    let mut body = merge(mode, arrived, &mut failures);
+    if let Err(err) = reshape::apply(steps, &mut body, max_output) {
+        // Unshaped data may hold what the profile removes, so it is not
+        // sent; the client learns why instead.
+        tracing::info!(error = %err, "composite answer would be too large once shaped");
+        return failed("composite_too_large");
+    }
 
     let mut headers = Vec::new();
     if !failures.is_empty() {
@@ -100,12 +135,7 @@ pub async fn answer(
         }
     }
 
-    let status = if failures.len() == composite.parts.len() {
-        502
-    } else {
-        200
-    };
-    Counter::CompositeAnswered.inc();
+    let status = if failures.len() == parts { 502 } else { 200 };
     Answer {
         status,
         headers,
@@ -113,13 +143,26 @@ pub async fn answer(
     }
 }
 
+/// A 502 that names why no composite answer could be made.
+fn failed(error: &str) -> Answer {
+    Answer {
+        status: 502,
+        headers: Vec::new(),
+        body: json!({ "error": error }).to_string().into_bytes(),
+    }
+}
+
 /// One body from the parts: each under its key, or their fields together.
-fn merge(mode: MergeMode, arrived: Vec<(&str, Value)>, failures: &mut Map<String, Value>) -> Value {
+fn merge(
+    mode: MergeMode,
+    arrived: Vec<(String, Value)>,
+    failures: &mut Map<String, Value>,
+) -> Value {
     let mut merged = Map::new();
     for (key, value) in arrived {
         match (mode, value) {
             (MergeMode::Keyed, value) => {
-                merged.insert(key.to_owned(), value);
+                merged.insert(key, value);
             }
             (MergeMode::TopLevel, Value::Object(fields)) => {
                 for (field, value) in fields {
@@ -127,10 +170,7 @@ fn merge(mode: MergeMode, arrived: Vec<(&str, Value)>, failures: &mut Map<String
                 }
             }
             (MergeMode::TopLevel, _) => {
-                failures.insert(
-                    key.to_owned(),
-                    json!("answered with JSON that is not an object"),
-                );
+                failures.insert(key, json!("answered with JSON that is not an object"));
             }
         }
     }
@@ -175,12 +215,16 @@ async fn fetch(
 mod tests {
     use super::*;
 
+    fn owned(parts: Vec<(&str, Value)>) -> Vec<(String, Value)> {
+        parts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
     #[test]
     fn keyed_merge_puts_each_part_under_its_key() {
         let mut failures = Map::new();
         let merged = merge(
             MergeMode::Keyed,
-            vec![("a", json!([1])), ("b", json!({"x": 1}))],
+            owned(vec![("a", json!([1])), ("b", json!({"x": 1}))]),
             &mut failures,
         );
 
@@ -193,15 +237,37 @@ mod tests {
         let mut failures = Map::new();
         let merged = merge(
             MergeMode::TopLevel,
-            vec![
+            owned(vec![
                 ("a", json!({"x": 1, "y": 2})),
                 ("b", json!({"x": 9, "z": 3})),
                 ("c", json!([1])),
-            ],
+            ]),
             &mut failures,
         );
 
         assert_eq!(merged, json!({"x": 1, "y": 2, "z": 3}));
         assert!(failures.contains_key("c"));
+    }
+
+    #[test]
+    fn an_answer_too_large_once_shaped_is_not_sent_unshaped() {
+        // One long key over many leaves: flattening repeats it in each.
+        let leaves: Map<String, Value> = (0..2000).map(|i| (format!("k{i}"), json!(0))).collect();
+        let mut long = Map::new();
+        long.insert("p".repeat(10_000), Value::Object(leaves));
+        let arrived = owned(vec![("a", Value::Object(long))]);
+        let steps: Vec<Step> =
+            serde_json::from_str(r#"[{"flatten": {}}]"#).expect("test steps deserialize");
+
+        let answer = build(
+            MergeMode::Keyed,
+            arrived,
+            Map::new(),
+            &steps,
+            1,
+            1024 * 1024,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
     }
 }
