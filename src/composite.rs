@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{Map, Value, json};
 
-use crate::config::{Composite, MergeMode, Part};
+use crate::config::{Composite, Forward, MergeMode, Part};
+use crate::decision::IDENTITY_HEADERS;
 use crate::metrics::Counter;
 use crate::reshape::{self, Step};
 use crate::shaping::OUTPUT_FACTOR;
@@ -19,6 +20,9 @@ pub const PARTIAL_HEADER: &str = "x-gatehouse-partial";
 
 /// The body field that says why each missing part is missing.
 pub const PARTIAL_FIELD: &str = "partial_failures";
+
+/// The request id header, forwarded so every part logs the same id.
+const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The answer to send the client.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,15 +53,40 @@ enum PartError {
 
 /// One pooled client for every composite: the parts go to one loopback
 /// listener, and keeping its connections warm saves a handshake per part.
-fn client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
+/// Building it fails only when TLS cannot start; the error is logged once
+/// and every part is then reported unreachable.
+fn client() -> Option<&'static reqwest::Client> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    let built = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_millis(250))
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new())
-    })
+            .map_err(|err| {
+                tracing::error!(
+                    error = %err,
+                    "composite http client cannot start; every part will be unreachable",
+                );
+                err.to_string()
+            })
+    });
+    built.as_ref().ok()
+}
+
+/// The request headers a part may see: the ones Check vouches for (the
+/// reserved identity names and every `tokens.forward` name, which Check
+/// sets or removes on every request it allows) and the request id. Any
+/// other header the client sent stays at the edge.
+pub fn forwarded(headers: Vec<(String, String)>, forward: &Forward) -> Vec<(String, String)> {
+    let vouched = |name: &str| {
+        name == REQUEST_ID_HEADER
+            || IDENTITY_HEADERS.contains(&name)
+            || forward.names().any(|configured| configured == name)
+    };
+    headers
+        .into_iter()
+        .filter(|(name, _)| vouched(name))
+        .collect()
 }
 
 /// Fetches every part with `forward` headers (identity, request id), merges
@@ -68,10 +97,20 @@ pub async fn answer(
     steps: Vec<Step>,
     max_body_bytes: u64,
 ) -> Answer {
+    answer_with(client(), composite, forward, steps, max_body_bytes).await
+}
+
+async fn answer_with(
+    client: Option<&reqwest::Client>,
+    composite: &Composite,
+    forward: &[(String, String)],
+    steps: Vec<Step>,
+    max_body_bytes: u64,
+) -> Answer {
     let fetches = composite
         .parts
         .iter()
-        .map(|part| fetch(part, forward, max_body_bytes));
+        .map(|part| fetch(client, part, forward, max_body_bytes));
     let results = join_all(fetches).await;
 
     let mut failures = Map::new();
@@ -178,12 +217,14 @@ fn merge(
 }
 
 async fn fetch(
+    client: Option<&reqwest::Client>,
     part: &Part,
     forward: &[(String, String)],
     max_body_bytes: u64,
 ) -> Result<Value, PartError> {
+    let client = client.ok_or(PartError::Unreachable)?;
     let call = async {
-        let mut request = client().get(&part.url);
+        let mut request = client.get(&part.url);
         for (name, value) in forward {
             request = request.header(name, value);
         }
@@ -219,6 +260,22 @@ mod tests {
         parts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
+    fn composite(keys: &[&str]) -> Composite {
+        let parts = keys
+            .iter()
+            .map(|key| Part {
+                key: (*key).to_owned(),
+                url: format!("http://127.0.0.1:9/{key}"),
+                timeout: Duration::from_millis(200),
+            })
+            .collect();
+        Composite {
+            merge: MergeMode::Keyed,
+            parts,
+            budget: Duration::from_millis(200),
+        }
+    }
+
     #[test]
     fn keyed_merge_puts_each_part_under_its_key() {
         let mut failures = Map::new();
@@ -247,6 +304,61 @@ mod tests {
 
         assert_eq!(merged, json!({"x": 1, "y": 2, "z": 3}));
         assert!(failures.contains_key("c"));
+    }
+
+    #[test]
+    fn only_headers_check_controls_are_forwarded() {
+        let forward = Forward {
+            client_id: Some("x-caller".to_owned()),
+            subject: None,
+            scopes: None,
+            claims: vec![("tenant".to_owned(), "x-tenant".to_owned())],
+        };
+        let sent = [
+            ("x-request-id", "r-1"),
+            ("x-caller", "demo-web"),
+            ("x-tenant", "t-9"),
+            ("x-gatehouse-client-id", "demo-web"),
+            ("x-gatehouse-profile", "mobile"),
+            ("x-gatehouse-whatever", "forged"),
+            ("cookie", "session"),
+            ("x-client-type", "web"),
+        ];
+        let headers = sent
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+
+        let names: Vec<String> = forwarded(headers, &forward)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "x-request-id",
+                "x-caller",
+                "x-tenant",
+                "x-gatehouse-client-id",
+                "x-gatehouse-profile"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_an_http_client_every_part_is_unreachable() {
+        let answer = answer_with(None, &composite(&["a", "b"]), &[], Vec::new(), 1024).await;
+
+        assert_eq!(answer.status, 502);
+        assert_eq!(
+            answer.headers,
+            [(PARTIAL_HEADER.to_owned(), "a,b".to_owned())]
+        );
+        let body: Value = serde_json::from_slice(&answer.body).expect("json");
+        assert_eq!(
+            body[PARTIAL_FIELD],
+            json!({"a": "unreachable", "b": "unreachable"})
+        );
     }
 
     #[test]

@@ -33,7 +33,6 @@ use super::METADATA_NAMESPACE;
 use super::authz::metadata_from_struct;
 use crate::composite;
 use crate::config::Composite;
-use crate::decision::IDENTITY_HEADERS;
 use crate::decision::Metadata;
 use crate::metrics::Counter;
 use crate::shaping::{self, Plan, ResponseHead};
@@ -168,17 +167,12 @@ impl Exchange {
     async fn composite(&self, headers: &HttpHeaders) -> Option<ProcessingResponse> {
         let composite = self.composite_route()?;
 
-        // The caller's identity, as Check set it, and the request id go to
-        // every part, so the services see who asked. Only the names Check
-        // controls: a client's own x-gatehouse-whatever is not vouched for.
-        let forward: Vec<(String, String)> = headers
+        let request_headers: Vec<(String, String)> = headers
             .headers
             .as_ref()
-            .map(|map| map.headers.iter().map(header_pair).collect::<Vec<_>>())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(name, _)| name == "x-request-id" || IDENTITY_HEADERS.contains(&name.as_str()))
-            .collect();
+            .map(|map| map.headers.iter().map(header_pair).collect())
+            .unwrap_or_default();
+        let forward = composite::forwarded(request_headers, &self.runtime.config.tokens.forward);
 
         let steps = shaping::steps_for(&self.runtime, &self.metadata);
         let max_body_bytes = self.runtime.config.reshape.max_body_bytes;
