@@ -50,7 +50,8 @@ impl Budget {
 }
 
 /// Runs one step. Steps that fail [`Step::check`] are skipped where acting
-/// on them would be ambiguous (a rename across arrays).
+/// on them would be ambiguous (a rename across arrays, or one that overlaps
+/// itself).
 pub(crate) fn apply_step(step: &Step, body: &mut Value, budget: &mut Budget) {
     match step {
         Step::Keep(paths) => keep(body, paths),
@@ -226,9 +227,6 @@ fn rename(body: &mut Value, spec: &Rename) {
     let Ok(parts) = spec.split() else {
         return;
     };
-    if parts.from == parts.to {
-        return;
-    }
 
     path::visit_mut(body, parts.prefix, &mut |scope| {
         let Some(moved) = path::take_keys(scope, parts.from) else {

@@ -226,6 +226,19 @@ fn validate_names_the_failing_step() {
             "crosses an array",
         ),
         (r#"{"rename": {"from": "a", "to": "b[]"}}"#, "ends in `[]`"),
+        (
+            r#"{"rename": {"from": "a", "to": "a.b"}}"#,
+            "rename from `a` to `a.b` overlaps",
+        ),
+        (
+            r#"{"rename": {"from": "a.b", "to": "a"}}"#,
+            "rename from `a.b` to `a` overlaps",
+        ),
+        (
+            r#"{"rename": {"from": "items[].a", "to": "items[].a.b"}}"#,
+            "overlaps",
+        ),
+        (r#"{"rename": {"from": "a", "to": "a"}}"#, "overlaps"),
         (r#"{"wrap": ""}"#, "wrap key is empty"),
         (r#"{"flatten": {"separator": ""}}"#, "separator is empty"),
         (
@@ -239,7 +252,7 @@ fn validate_names_the_failing_step() {
         assert_eq!(err.index, 1);
         let text = err.to_string();
         assert!(
-            text.starts_with(&format!("step 2 ({}): ", list[1].op())),
+            text.starts_with(&format!("[1].{}: ", list[1].op())),
             "{text}"
         );
         assert!(text.contains(needle), "{text}");
@@ -392,6 +405,34 @@ fn rename_within_array_elements() {
     let mut body = json!({"items": [{"a": 1}]});
     apply(&across, &mut body, u64::MAX).unwrap();
     assert_eq!(body, json!({"items": [{"a": 1}]}));
+}
+
+#[test]
+fn overlapping_renames_are_refused_and_skipped() {
+    let body = json!({"a": {"b": 1, "c": 2}, "ab": 3});
+    for (from, to) in [("a", "a.b"), ("a.b", "a"), ("a", "a")] {
+        let rename = Step::Rename(Rename {
+            from: path(from),
+            to: path(to),
+        });
+        assert!(
+            matches!(rename.check(), Err(StepProblem::RenameOverlaps { .. })),
+            "{from} -> {to}"
+        );
+
+        // Without the check, `a -> a.b` would nest once more on every run
+        // and `a.b -> a` would lose `a.c`; skipped, the body stays whole.
+        let mut twice = body.clone();
+        let steps = [rename.clone(), rename];
+        apply(&steps, &mut twice, u64::MAX).unwrap();
+        assert_eq!(twice, body, "{from} -> {to}");
+    }
+
+    // A key that merely starts with the same letters is another field.
+    assert_eq!(
+        run(r#"[{"rename": {"from": "a", "to": "ab"}}]"#, body),
+        json!({"ab": {"b": 1, "c": 2}})
+    );
 }
 
 #[test]
