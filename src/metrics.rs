@@ -19,8 +19,8 @@ pub enum Counter {
     /// A body that a profile applies to was not JSON (by its type, or by
     /// failing to parse) and passed unchanged.
     PassedNotJson,
-    /// A body was larger than the limit (before or after decoding) and passed
-    /// unchanged.
+    /// A body was larger than the limit (before or after decoding), or would
+    /// have been once reshaped, and passed unchanged.
     PassedTooLarge,
     /// A body in an encoding Gatehouse cannot decode passed unchanged.
     PassedEncoded,

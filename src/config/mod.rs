@@ -590,9 +590,11 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                 let key = format!("profiles.{name}.routes.{route}");
                 problems.add(Some(&steps.referenced), key, "no route has this name");
             }
+            // Keyed like a parse error inside the step (`r[1].rename`),
+            // at the line of the route's step list.
             if let Err(err) = crate::reshape::validate(&steps.value) {
-                let key = format!("profiles.{name}.routes.{route}");
-                problems.add(Some(&steps.referenced), key, err.to_string());
+                let key = format!("profiles.{name}.routes.{route}[{}].{}", err.index, err.op);
+                problems.add(Some(&steps.referenced), key, err.problem.to_string());
             }
             steps_by_route.insert(route, Arc::from(steps.value));
         }

@@ -221,8 +221,40 @@ fn bad_reshape_step_names_profile_route_and_step() {
     );
     let err = problems(&text);
 
-    assert!(err.contains("profiles.mobile.routes.vehicles"), "{err}");
-    assert!(err.contains("step 2 (rename)"), "{err}");
+    assert!(
+        err.contains("profiles.mobile.routes.vehicles[1].rename: rename path `b[]` ends in `[]`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn step_problems_and_parse_errors_count_steps_alike() {
+    // A path that does not parse is a serde error inside the first step...
+    let parse = problems(&GOOD.replace("        - keep: [id]", "        - keep: [\"a..b\"]"));
+    assert!(
+        parse.contains("profiles.mobile.routes.vehicles[0].keep[0]"),
+        "{parse}"
+    );
+
+    // ...and a step that parses but cannot work is named the same way.
+    let check = problems(&GOOD.replace("        - keep: [id]", "        - keep: []"));
+    assert!(
+        check.contains("profiles.mobile.routes.vehicles[0].keep: keep lists no paths"),
+        "{check}"
+    );
+}
+
+#[test]
+fn overlapping_rename_is_refused_naming_profile_and_step() {
+    for (from, to) in [("a", "a.b"), ("a.b", "a")] {
+        let step = format!("        - keep: [id]\n        - rename: {{from: {from}, to: {to}}}");
+        let err = problems(&GOOD.replace("        - keep: [id]", &step));
+
+        let expected = format!(
+            "profiles.mobile.routes.vehicles[1].rename: rename from `{from}` to `{to}` overlaps"
+        );
+        assert!(err.contains(&expected), "{err}");
+    }
 }
 
 #[test]

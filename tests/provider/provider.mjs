@@ -25,10 +25,17 @@ const ACCESS_TOKEN_TTL = 600;
 // The client Gatehouse authenticates as when it calls introspection.
 const INTROSPECTOR = 'gatehouse';
 
+// Extra claims in the access tokens of some clients: the kiosk's tokens
+// name the profile it gets, for tests of a profile chosen by a claim.
+const TOKEN_CLAIMS = {
+  'demo-kiosk': { app_profile: 'partner' },
+};
+
 const CLIENTS = [
   ['demo-web', 'demo-web-secret'],
   ['demo-mobile', 'demo-mobile-secret'],
   ['demo-partner', 'demo-partner-secret'],
+  ['demo-kiosk', 'demo-kiosk-secret'],
   [INTROSPECTOR, 'gatehouse-introspection-secret'],
 ].map(([id, secret]) => ({
   client_id: id,
@@ -139,6 +146,7 @@ function buildProvider(issuer, jwks) {
     clients: CLIENTS,
     jwks,
     scopes: ['openid', ...SCOPES.split(' ')],
+    extraTokenClaims: (ctx, token) => TOKEN_CLAIMS[token.clientId],
     // Client credentials tokens live as long as their resource server says.
     ttl: {
       ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ACCESS_TOKEN_TTL,

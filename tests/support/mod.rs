@@ -27,6 +27,8 @@ pub const WEB: (&str, &str) = ("demo-web", "demo-web-secret");
 pub const MOBILE: (&str, &str) = ("demo-mobile", "demo-mobile-secret");
 /// See [`WEB`].
 pub const PARTNER: (&str, &str) = ("demo-partner", "demo-partner-secret");
+/// See [`WEB`]; its tokens carry the claim `app_profile: partner`.
+pub const KIOSK: (&str, &str) = ("demo-kiosk", "demo-kiosk-secret");
 
 /// The resource whose tokens are JWTs.
 pub const API_RESOURCE: &str = "https://api.gatehouse.test";
