@@ -139,7 +139,7 @@ async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
 
 #[tokio::test]
 async fn with_the_provider_stopped_cached_keys_serve_and_unknown_kids_fail_cleanly() {
-    let mut gate = Gate::start(&config(1, 0), true);
+    let mut gate = Gate::start(&config(1, 1), true);
     wait_for_health(&gate, ServingStatus::Serving).await;
     let key = forge::provider_keys(&gate.keys).remove(0);
     let seen = jwt(&gate).await;
@@ -236,11 +236,11 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
     assert_eq!(gate.check("/vehicles", &token).await.status, 200);
 }
 
-/// JWKS fetches in a few seconds by a Gatehouse whose provider says
-/// `max-age=1`, with the given bounds.
-async fn fetches_with_max_age_1(min_refresh: u64, max_refresh: u64) -> u64 {
+/// JWKS fetches in 4 seconds by a Gatehouse whose provider says
+/// `max-age=<max_age>`, with the given bounds.
+async fn fetches_with_max_age(max_age: u64, min_refresh: u64, max_refresh: u64) -> u64 {
     let mut gate = Gate::start(&config_bounded(300, min_refresh, max_refresh, 60), false);
-    gate.start_provider_with_max_age(1);
+    gate.start_provider_with_max_age(max_age);
     wait_for_health(&gate, ServingStatus::Serving).await;
 
     let before = jwks_fetches(&gate).await;
@@ -251,9 +251,13 @@ async fn fetches_with_max_age_1(min_refresh: u64, max_refresh: u64) -> u64 {
 #[tokio::test]
 async fn the_refresh_follows_max_age_within_the_bounds() {
     // refresh_seconds alone would mean no fetch at all in these seconds.
-    let honoured = fetches_with_max_age_1(1, 300).await;
+    let honoured = fetches_with_max_age(1, 1, 300).await;
     assert!(honoured >= 2, "max-age=1 gave {honoured} fetches in 4 s");
 
-    let bounded = fetches_with_max_age_1(60, 300).await;
+    let bounded = fetches_with_max_age(1, 60, 300).await;
     assert_eq!(bounded, 0, "min_refresh_seconds holds against max-age");
+
+    // An hour's max-age, capped at one second: several fetches in 4 s.
+    let capped = fetches_with_max_age(3600, 1, 1).await;
+    assert!(capped >= 2, "max_refresh_seconds=1 gave {capped} fetches in 4 s");
 }
