@@ -287,7 +287,7 @@ impl Authenticator {
             .ok_or(AuthnError::WrongIssuer)?;
 
         let identity = Arc::new(issuer.verify(&token).await?);
-        self.verified.insert(digest, identity.clone()).await;
+        issuer.remember(digest, identity.clone()).await;
         Ok(identity)
     }
 
