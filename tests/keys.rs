@@ -57,6 +57,17 @@ async fn jwks_fetches(gate: &Gate) -> u64 {
         .expect("a jwks count")
 }
 
+/// Gatehouse's verified-token cache counts so far: (hits, misses).
+async fn cache_counts(gate: &Gate) -> (u64, u64) {
+    let counters = forge::gatehouse_counters(gate.ports.admin).await;
+    let count = |name: &str| {
+        *counters
+            .get(name)
+            .unwrap_or_else(|| panic!("gatehouse reports {name}"))
+    };
+    (count("token_cache_hits"), count("token_cache_misses"))
+}
+
 async fn health(gate: &Gate) -> Option<i32> {
     let url = format!("http://127.0.0.1:{}", gate.ports.grpc);
     let channel = tonic::transport::Channel::from_shared(url)
@@ -115,12 +126,35 @@ async fn rotation_accepts_the_new_key_after_one_refetch_and_keeps_the_old() {
 }
 
 #[tokio::test]
+async fn repeated_requests_with_one_token_verify_its_signature_once() {
+    let gate = Gate::start(&config(300, 10), true);
+    wait_for_health(&gate, ServingStatus::Serving).await;
+    let token = jwt(&gate).await;
+    let (hits, misses) = cache_counts(&gate).await;
+
+    for _ in 0..5 {
+        let checked = gate.check("/vehicles", &token).await;
+        assert_eq!(checked.status, 200, "{}", checked.body);
+    }
+
+    let (new_hits, new_misses) = cache_counts(&gate).await;
+    assert_eq!(new_misses - misses, 1, "verified on the first request only");
+    assert_eq!(new_hits - hits, 4, "the other four came from the cache");
+}
+
+#[tokio::test]
 async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
     let mut gate = Gate::start(&config(1, 10), true);
     wait_for_health(&gate, ServingStatus::Serving).await;
     let token = jwt(&gate).await;
     assert_eq!(gate.check("/vehicles", &token).await.status, 200);
-    assert_eq!(gate.check("/vehicles", &token).await.status, 200, "cached");
+    let (hits, _) = cache_counts(&gate).await;
+    assert_eq!(gate.check("/vehicles", &token).await.status, 200);
+
+    // The token is cached now, so its refusal below proves that the cached
+    // entry was dropped, not merely that a fresh check fails.
+    let (cached_hits, misses) = cache_counts(&gate).await;
+    assert_eq!(cached_hits - hits, 1, "the second request was a cache hit");
 
     // The provider now publishes only a new key.
     forge::write_key_file(&gate.keys, &[forge::new_private_jwk()]);
@@ -132,6 +166,8 @@ async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
         "{}",
         checked.body
     );
+    let (_, after) = cache_counts(&gate).await;
+    assert!(after > misses, "the refused token was checked afresh");
 
     let new_token = jwt(&gate).await;
     assert_eq!(gate.check("/vehicles", &new_token).await.status, 200);
