@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use super::cache::{Digest, unix_now};
-use super::jwt::{identity_from, map_jwt_error};
+use super::jwt::{check_not_future, check_required, identity_from, map_jwt_error};
 use super::keys::{FetchError, KeyFetcher, KeySet};
 use super::{AuthnError, Identity};
 use crate::config::{Provider, is_hmac};
@@ -242,28 +242,11 @@ impl Issuer {
     }
 
     /// The checks `jsonwebtoken` leaves to the caller: `iat` not in the
-    /// future, and the configured required claims.
+    /// future (`nbf` too, which it has checked already), and the configured
+    /// required claims.
     fn check_claims(&self, claims: &Map<String, Value>) -> Result<(), AuthnError> {
-        match claims.get("iat") {
-            None => {}
-            Some(iat) => {
-                let iat = iat.as_u64().ok_or(AuthnError::BadClaims)?;
-                let leeway = self.provider.leeway.as_secs();
-                if iat > unix_now().saturating_add(leeway) {
-                    return Err(AuthnError::IssuedInFuture);
-                }
-            }
-        }
-
-        let missing = self
-            .provider
-            .required_claims
-            .iter()
-            .any(|name| claims.get(name).is_none_or(Value::is_null));
-        if missing {
-            return Err(AuthnError::BadClaims);
-        }
-        Ok(())
+        check_not_future(claims, self.provider.leeway.as_secs(), unix_now())?;
+        check_required(claims, &self.provider.required_claims)
     }
 
     /// The current keys, refetched first when they lack `kid`.
