@@ -780,3 +780,46 @@ async fn a_token_in_the_query_string_is_refused() {
     assert_eq!(body["error"], "invalid_token");
     assert!(!body.to_string().contains(&token[..20]));
 }
+
+#[tokio::test]
+async fn no_log_holds_a_token_sent_in_the_query_or_the_header() {
+    let marker = format!("leak-check-{}", forge::now());
+    let claims = with(good_claims(), "jti", json!(marker));
+    let token = signed(&good_header(), &claims);
+    let (_, signature) = token.rsplit_once('.').expect("three parts");
+    let client = reqwest::Client::new();
+
+    // In the query (refused here, but logged by Envoy all the same), and in
+    // the header (allowed, and seen by Gatehouse).
+    let query = stack().url(&format!("/vehicles/{marker}-query?access_token={token}"));
+    let response = client.get(query).send().await.expect("request");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let header = stack().url(&format!("/vehicles/{marker}-header"));
+    let response = client
+        .get(header)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_ne!(response.status(), StatusCode::UNAUTHORIZED);
+
+    // Envoy writes its access log asynchronously: wait for both lines.
+    wait_until(
+        || {
+            let log = stack().envoy.log();
+            log.contains(&format!("{marker}-query")) && log.contains(&format!("{marker}-header"))
+        },
+        "envoy to log both requests",
+    );
+
+    for (name, log) in [
+        ("envoy", stack().envoy.log()),
+        ("gatehouse", stack().gatehouse.log()),
+    ] {
+        assert!(!log.contains(&token), "{name}'s log holds the token");
+        assert!(
+            !log.contains(signature),
+            "{name}'s log holds the token's signature"
+        );
+    }
+}
