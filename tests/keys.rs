@@ -295,5 +295,8 @@ async fn the_refresh_follows_max_age_within_the_bounds() {
 
     // An hour's max-age, capped at one second: several fetches in 4 s.
     let capped = fetches_with_max_age(3600, 1, 1).await;
-    assert!(capped >= 2, "max_refresh_seconds=1 gave {capped} fetches in 4 s");
+    assert!(
+        capped >= 2,
+        "max_refresh_seconds=1 gave {capped} fetches in 4 s"
+    );
 }

@@ -641,7 +641,11 @@ async fn a_real_token_stays_valid_after_the_forgeries() {
     };
     for case in table() {
         let checked = check(case.token.clone()).await;
-        assert_eq!(checked.status, case.status, "{}: {}", case.name, checked.body);
+        assert_eq!(
+            checked.status, case.status,
+            "{}: {}",
+            case.name, checked.body
+        );
     }
 
     let token = support::token(&stack().token_endpoint(), WEB, "vehicles:read").await;

@@ -283,7 +283,12 @@ mod tests {
     fn only_bearer_tokens_pass() {
         let introspector = introspector(&[]);
 
-        for kind in [json!("DPoP"), json!("refresh_token"), json!("N_A"), json!(1)] {
+        for kind in [
+            json!("DPoP"),
+            json!("refresh_token"),
+            json!("N_A"),
+            json!(1),
+        ] {
             assert_eq!(
                 outcome(&introspector, json!({ "token_type": kind })),
                 Err("token type is not an access token".to_owned()),

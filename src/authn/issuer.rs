@@ -313,8 +313,7 @@ mod tests {
 
     /// A throwaway Ed25519 key pair made for these tests: the PKCS#8 private
     /// key and the public key's `x`.
-    const PRIVATE_PKCS8: &str =
-        "MC4CAQAwBQYDK2VwBCIEICh8LOOGuQ+YMl2Y2ZIGSvaGa/vlS/P5DxBvo/PKnEzV";
+    const PRIVATE_PKCS8: &str = "MC4CAQAwBQYDK2VwBCIEICh8LOOGuQ+YMl2Y2ZIGSvaGa/vlS/P5DxBvo/PKnEzV";
     const PUBLIC_X: &str = "b0eg97FWOnyuDioc6LhlUANg2lgWUM4HSlxRFi9vTCs";
     const ISSUER: &str = "https://issuer.test";
 

@@ -297,7 +297,8 @@ mod tests {
 
     #[test]
     fn time_claims_in_the_future_are_refused_beyond_the_leeway() {
-        let claims = |json: &str| -> Map<String, Value> { serde_json::from_str(json).expect("json") };
+        let claims =
+            |json: &str| -> Map<String, Value> { serde_json::from_str(json).expect("json") };
         let now = 1_000;
 
         assert!(check_not_future(&claims(r#"{"nbf":1030,"iat":1030}"#), 30, now).is_ok());

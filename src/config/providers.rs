@@ -443,7 +443,11 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
     let refetch = &raw.min_refetch_seconds;
     if refetch.value == 0 {
         let message = "must be at least 1";
-        problems.add(Some(&refetch.referenced), at("min_refetch_seconds"), message);
+        problems.add(
+            Some(&refetch.referenced),
+            at("min_refetch_seconds"),
+            message,
+        );
     }
 
     // Inside a Check, an unknown `kid` costs up to two fetches (discovery,
@@ -706,7 +710,9 @@ tokens:
             format!("provider:\n  issuer: https://a.example\n  audiences: [api]\n{extra}{ROUTES}")
         };
 
-        let err = problems(&provider("  leeway_seconds: 301\n  min_refetch_seconds: 0\n"));
+        let err = problems(&provider(
+            "  leeway_seconds: 301\n  min_refetch_seconds: 0\n",
+        ));
         assert!(
             err.contains("g.yaml:4: provider.leeway_seconds: must be between 0 and 300"),
             "{err}"
@@ -716,8 +722,10 @@ tokens:
             "{err}"
         );
 
-        let config = load(&provider("  leeway_seconds: 300\n  min_refetch_seconds: 1\n"))
-            .expect("the bounds themselves are valid");
+        let config = load(&provider(
+            "  leeway_seconds: 300\n  min_refetch_seconds: 1\n",
+        ))
+        .expect("the bounds themselves are valid");
         assert_eq!(config.providers[0].leeway, Duration::from_secs(300));
         assert_eq!(config.providers[0].min_refetch, Duration::from_secs(1));
 

@@ -290,12 +290,36 @@ fn with_route_headers(headers: &str, tokens: &str) -> String {
 fn request_headers_refuse_identity_names_except_setting_route_and_profile() {
     let key = "routes[0].request_headers";
     for (headers, field, name) in [
-        ("      add: {x-gatehouse-profile: p}\n", "add", "x-gatehouse-profile"),
-        ("      add: {X-Gatehouse-Route: r}\n", "add", "x-gatehouse-route"),
-        ("      set: {x-gatehouse-scopes: all}\n", "set", "x-gatehouse-scopes"),
-        ("      set: {x-gatehouse-client-id: c}\n", "set", "x-gatehouse-client-id"),
-        ("      remove: [x-gatehouse-subject]\n", "remove", "x-gatehouse-subject"),
-        ("      remove: [x-gatehouse-route]\n", "remove", "x-gatehouse-route"),
+        (
+            "      add: {x-gatehouse-profile: p}\n",
+            "add",
+            "x-gatehouse-profile",
+        ),
+        (
+            "      add: {X-Gatehouse-Route: r}\n",
+            "add",
+            "x-gatehouse-route",
+        ),
+        (
+            "      set: {x-gatehouse-scopes: all}\n",
+            "set",
+            "x-gatehouse-scopes",
+        ),
+        (
+            "      set: {x-gatehouse-client-id: c}\n",
+            "set",
+            "x-gatehouse-client-id",
+        ),
+        (
+            "      remove: [x-gatehouse-subject]\n",
+            "remove",
+            "x-gatehouse-subject",
+        ),
+        (
+            "      remove: [x-gatehouse-route]\n",
+            "remove",
+            "x-gatehouse-route",
+        ),
     ] {
         let message = problems(&with_route_headers(headers, ""));
         let expected = format!("{key}.{field}: \"{name}\" is an identity header");
@@ -309,7 +333,11 @@ fn request_headers_refuse_identity_names_except_setting_route_and_profile() {
         ("      add: {x-tenant: acme}\n", "add", "x-tenant"),
         ("      set: {x-tenant: acme}\n", "set", "x-tenant"),
         ("      remove: [x-tenant]\n", "remove", "x-tenant"),
-        ("      set: {x-gatehouse-route: r}\n", "set", "x-gatehouse-route"),
+        (
+            "      set: {x-gatehouse-route: r}\n",
+            "set",
+            "x-gatehouse-route",
+        ),
     ] {
         let message = problems(&with_route_headers(headers, tokens));
         let expected = format!("{key}.{field}: \"{name}\" is forwarded by tokens.forward");
