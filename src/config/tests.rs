@@ -308,6 +308,90 @@ fn request_headers_refuse_managed_names_and_unknown_placeholders() {
     );
 }
 
+/// GOOD with `request_headers` (YAML lines at route depth) on `vehicles`,
+/// and a `tokens` section in front.
+fn with_route_headers(headers: &str, tokens: &str) -> String {
+    let text = GOOD.replace(
+        "    rate_limit: standard\n",
+        &format!("    rate_limit: standard\n    request_headers:\n{headers}"),
+    );
+    format!("{tokens}{text}")
+}
+
+#[test]
+fn request_headers_refuse_identity_names_except_setting_route_and_profile() {
+    let key = "routes[0].request_headers";
+    for (headers, field, name) in [
+        (
+            "      add: {x-gatehouse-profile: p}\n",
+            "add",
+            "x-gatehouse-profile",
+        ),
+        (
+            "      add: {X-Gatehouse-Route: r}\n",
+            "add",
+            "x-gatehouse-route",
+        ),
+        (
+            "      set: {x-gatehouse-scopes: all}\n",
+            "set",
+            "x-gatehouse-scopes",
+        ),
+        (
+            "      set: {x-gatehouse-client-id: c}\n",
+            "set",
+            "x-gatehouse-client-id",
+        ),
+        (
+            "      remove: [x-gatehouse-subject]\n",
+            "remove",
+            "x-gatehouse-subject",
+        ),
+        (
+            "      remove: [x-gatehouse-route]\n",
+            "remove",
+            "x-gatehouse-route",
+        ),
+    ] {
+        let message = problems(&with_route_headers(headers, ""));
+        let expected = format!("{key}.{field}: \"{name}\" is an identity header");
+        assert!(message.contains(&expected), "{expected}: {message}");
+    }
+
+    // Names `tokens.forward` configures are refused in every form, even the
+    // two a route may otherwise set.
+    let tokens = "tokens:\n  forward:\n    claims: {tenant: x-tenant, team: x-gatehouse-route}\n";
+    for (headers, field, name) in [
+        ("      add: {x-tenant: acme}\n", "add", "x-tenant"),
+        ("      set: {x-tenant: acme}\n", "set", "x-tenant"),
+        ("      remove: [x-tenant]\n", "remove", "x-tenant"),
+        (
+            "      set: {x-gatehouse-route: r}\n",
+            "set",
+            "x-gatehouse-route",
+        ),
+    ] {
+        let message = problems(&with_route_headers(headers, tokens));
+        let expected = format!("{key}.{field}: \"{name}\" is forwarded by tokens.forward");
+        assert!(message.contains(&expected), "{expected}: {message}");
+    }
+
+    // The documented use: the route and profile names, set.
+    let text = with_route_headers(
+        "      set: {x-gatehouse-profile: \"{profile}\", x-gatehouse-route: \"{route}\"}\n",
+        "",
+    );
+    let config = load(&text, &[("REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
+    let route = config.route("vehicles").expect("route");
+    let set: Vec<&str> = route
+        .request_headers
+        .set
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(set, ["x-gatehouse-profile", "x-gatehouse-route"]);
+}
+
 #[test]
 fn request_headers_and_composites_compile() {
     let text = GOOD

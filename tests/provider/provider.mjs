@@ -217,8 +217,11 @@ function main() {
   //   GET  /__stats               how often the key set and introspection were called
   //   POST /__delay?ms=N          answer /jwks and introspection N ms late
   //   POST /__opaque_ttl?seconds=N  lifetime of opaque tokens issued from now on
+  //   POST /__introspection_status?code=N  answer introspection with status N
+  //                               and no body (0: answer normally)
   const stats = { jwks: 0, introspection: 0 };
   let delayMs = 0;
+  let introspectionStatus = 0;
   const server = createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://provider.invalid');
     const number = (name) => Number(url.searchParams.get(name) ?? 0);
@@ -237,13 +240,25 @@ function main() {
       res.end();
       return;
     }
+    if (url.pathname === '/__introspection_status' && req.method === 'POST') {
+      introspectionStatus = number('code');
+      res.end();
+      return;
+    }
 
     const slow = url.pathname === '/jwks' || url.pathname === '/token/introspection';
     if (url.pathname === '/jwks') {
       stats.jwks += 1;
       if (jwksMaxAge !== undefined) res.setHeader('cache-control', `max-age=${jwksMaxAge}`);
     }
-    if (url.pathname === '/token/introspection') stats.introspection += 1;
+    if (url.pathname === '/token/introspection') {
+      stats.introspection += 1;
+      if (introspectionStatus !== 0) {
+        res.statusCode = introspectionStatus;
+        res.end();
+        return;
+      }
+    }
     if (slow && delayMs > 0) {
       setTimeout(() => handle(req, res), delayMs);
       return;

@@ -264,6 +264,20 @@ pub async fn provider_stats(port: u16) -> serde_json::Value {
         .expect("stats json")
 }
 
+/// Gatehouse's counters from the admin API on `admin_port`, by name.
+pub async fn gatehouse_counters(admin_port: u16) -> HashMap<String, u64> {
+    use gatehouse::grpc::pb::GetCountersRequest;
+    use gatehouse::grpc::pb::admin_client::AdminClient;
+
+    let address = format!("http://127.0.0.1:{admin_port}");
+    let mut admin = AdminClient::connect(address).await.expect("admin api");
+    let reply = admin
+        .get_counters(GetCountersRequest {})
+        .await
+        .expect("counters");
+    reply.into_inner().values
+}
+
 /// Posts to one of the provider's test controls (`/__delay?ms=N`, say).
 pub async fn provider_control(port: u16, path_and_query: &str) {
     let response = reqwest::Client::new()
