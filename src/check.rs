@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::authn::{Credentials, Identity};
+use crate::authn::{Credentials, Identity, bearer};
 use crate::authz;
 use crate::config::{Forward, Route};
 use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
@@ -90,8 +90,13 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     };
 
     // The token stops here: services behind the gateway get the identity
-    // headers instead, and no client-supplied copy of those survives.
+    // headers instead, and no client-supplied copy of those survives. A
+    // token sent in the query is cut from the path too, or it would reach
+    // the services' own access logs.
     allow.remove_headers.push("authorization".to_owned());
+    if !route.public {
+        allow.remove_query.push(bearer::QUERY_PARAMETER.to_owned());
+    }
     let forward = &config.tokens.forward;
     if let Some(identity) = &identity {
         allow.set_headers = identity_headers(forward, identity);

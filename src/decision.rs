@@ -55,6 +55,8 @@ pub struct Allow {
     pub add_headers: Vec<(String, String)>,
     /// Headers removed from the upstream request.
     pub remove_headers: Vec<String>,
+    /// Query parameters removed from the upstream request's path.
+    pub remove_query: Vec<String>,
     /// Headers added to the response the client gets.
     pub response_headers: Vec<(String, String)>,
     /// What ext_proc needs to know later about this request.

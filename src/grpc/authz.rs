@@ -106,6 +106,9 @@ fn allowed(allow: Allow) -> CheckResponse {
     for name in &allow.remove_headers {
         ok.remove_header(name);
     }
+    for name in &allow.remove_query {
+        ok.remove_query_parameter(name);
+    }
     for (name, value) in &allow.response_headers {
         ok.add_response_header(
             name,

@@ -142,6 +142,8 @@ pub struct Checked {
     pub headers: HashMap<String, String>,
     /// Headers removed upstream when allowed.
     pub removed: Vec<String>,
+    /// Query parameters removed upstream when allowed.
+    pub removed_query: Vec<String>,
     /// The denial's body.
     pub body: String,
 }
@@ -195,12 +197,14 @@ pub async fn check(port: u16, method: &str, path: &str, headers: &[(&str, &str)]
                 .unwrap_or(403),
             headers: header_pairs(&denied.headers),
             removed: Vec::new(),
+            removed_query: Vec::new(),
             body: denied.body,
         },
         Some(HttpResponse::OkResponse(ok)) => Checked {
             status: 200,
             headers: header_pairs(&ok.headers),
             removed: ok.headers_to_remove,
+            removed_query: ok.query_parameters_to_remove,
             body: String::new(),
         },
         other => panic!("check answered without an allow or deny: {other:?}"),
