@@ -138,6 +138,35 @@ fn variables_are_expanded_and_unset_ones_without_default_fail() {
     );
 }
 
+#[test]
+fn check_config_refuses_a_quoted_reference_instead_of_keeping_its_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let written =
+        "    client_secret: ${GATEHOUSE_INTROSPECTION_SECRET:-gatehouse-introspection-secret}";
+    let quoted = "    client_secret: \"${GATEHOUSE_INTROSPECTION_SECRET}\"";
+    let text = shipped_config().replace(written, quoted);
+    assert_ne!(text, shipped_config());
+    let path = write(dir.path(), "quoted.yaml", &text);
+    let line = text
+        .lines()
+        .position(|l| l == quoted)
+        .expect("the quoted line")
+        + 1;
+
+    let secret = ("GATEHOUSE_INTROSPECTION_SECRET", "s3cret");
+    let (ok, output) = check_config(&path, &[secret]);
+
+    assert!(!ok, "a quoted reference must fail:\n{output}");
+    let expected = format!(
+        "{}:{line}: provider.introspection.client_secret: `${{` is not expanded",
+        path.display()
+    );
+    assert!(
+        output.starts_with(&expected),
+        "expected {expected:?} in:\n{output}"
+    );
+}
+
 /// A Gatehouse on free ports with the shipped config, a real provider and
 /// the given environment on top.
 struct Running {
