@@ -623,17 +623,142 @@ pub fn envoy_with_parts(
 
 /// A bare HTTP/1.1 GET, for readiness probes before any client is set up.
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let received = exchange(port, request.as_bytes(), Duration::from_secs(1)).ok()?;
+    parse_response(&received).map(|response| response.status)
+}
 
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+// === bare HTTP/1.1 ===
+
+/// An answer read from a bare HTTP/1.1 connection.
+pub struct RawResponse {
+    /// The status code of the status line.
+    pub status: u16,
+    /// The header fields, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when it was sent chunked.
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
+}
+
+impl RawResponse {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON, if it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// A GET of `path` exactly as written (no client-side URL parsing, so `..`,
+/// `//` and `%2F` reach the server untouched), with `headers`.
+pub fn raw_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<RawResponse> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: api.gatehouse.test\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("connection: close\r\n\r\n");
+    raw_request(port, request.as_bytes())
+}
+
+/// Sends `request`, a whole HTTP/1.1 request, on a new connection to `port`
+/// and reads until the server closes it. `None` when the connection ended
+/// without a status line (a server that refuses a request outright may
+/// reset the connection instead of answering).
+///
+/// The request is written from its own thread, so that a server that
+/// answers and closes before reading all of it cannot block the write.
+pub fn raw_request(port: u16, request: &[u8]) -> Option<RawResponse> {
+    let received = exchange(port, request, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect to port {port} for a bare request: {e}"));
+    parse_response(&received)
+}
+
+/// Writes `request` on a new connection and returns what arrived before
+/// the connection ended; only connecting can fail.
+fn exchange(port: u16, request: &[u8], read_timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    let mut writer = stream.try_clone()?;
+    let request = request.to_vec();
+    let sending = std::thread::spawn(move || {
+        // A server that stops reading part way makes this fail; expected.
+        let _ = writer.write_all(&request);
+    });
+
+    // A reset after the answer (or instead of it) ends the read.
+    let mut received = Vec::new();
+    let mut buf = [0_u8; 16 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let _ = sending.join();
+    Ok(received)
+}
+
+fn parse_response(received: &[u8]) -> Option<RawResponse> {
+    let end = received.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&received[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+
+    let rest = &received[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Joins the chunks of a chunked body, as far as they arrived.
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+
+    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..line_end]);
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let Ok(size) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        let start = line_end + 2;
+        if size == 0 || rest.len() < start + size {
+            break;
+        }
+        body.extend_from_slice(&rest[start..start + size]);
+        rest = rest.get(start + size + 2..).unwrap_or_default();
+    }
+    body
 }
 
 // === the whole stack ===
