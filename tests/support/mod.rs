@@ -16,6 +16,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long any one part may take to become ready.
@@ -43,6 +45,108 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("ephemeral port address")
         .port()
+}
+
+// === where the parts keep their files ===
+
+/// This test process's directory for the parts' logs, keys and configs,
+/// removed when the process ends, however it ends, unless a test failed.
+///
+/// Shared stacks live in statics, which are never dropped, so their files
+/// cannot be removed by a destructor. Instead a small cleaner process holds
+/// a pipe from this one; when the pipe closes (this process is gone) it
+/// removes the directory, except when a panic left a `FAILED` mark in it.
+/// The first panic prints where the logs are kept.
+pub fn run_dir() -> &'static Path {
+    static RUN: OnceLock<RunDir> = OnceLock::new();
+    &RUN.get_or_init(RunDir::create).path
+}
+
+struct RunDir {
+    path: PathBuf,
+    // Held open until this process ends: its closing starts the cleanup.
+    _pipe: ChildStdin,
+    // Never waited for: it outlives this process to do its work.
+    _cleaner: Child,
+}
+
+impl RunDir {
+    fn create() -> Self {
+        let exe = std::env::current_exe().ok();
+        let binary = exe
+            .as_deref()
+            .and_then(Path::file_stem)
+            .map_or_else(|| "tests".into(), |stem| stem.to_string_lossy());
+        let name = format!("gatehouse-{binary}-{}", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create the run directory {}: {e}", path.display()));
+
+        // Waits for EOF on stdin, then removes the directory unless marked.
+        // A second try covers a part that wrote one last file meanwhile.
+        let mut cleaner = Command::new("bash")
+            .arg("-c")
+            .arg(
+                r#"cat >/dev/null
+[[ -e "$1/FAILED" ]] && exit 0
+rm -rf -- "$1" 2>/dev/null || { sleep 1; rm -rf -- "$1"; }"#,
+            )
+            .arg("cleaner")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the run directory's cleaner");
+        let pipe = cleaner.stdin.take().expect("the cleaner's stdin");
+
+        let marker = path.join("FAILED");
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if fs::write(&marker, b"a test panicked\n").is_ok() {
+                let dir = marker.parent().unwrap_or(&marker);
+                eprintln!("the parts' logs of this run are kept in {}", dir.display());
+            }
+            previous(info);
+        }));
+
+        Self {
+            path,
+            _pipe: pipe,
+            _cleaner: cleaner,
+        }
+    }
+}
+
+/// A directory under [`run_dir`] for one set of parts. Dropping it removes
+/// it, unless the thread is panicking (a failed test keeps its logs); one
+/// that is never dropped goes with the run directory.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A new, empty directory named after `name`.
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = run_dir().join(format!("{name}-{n}"));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 // === processes ===
@@ -772,7 +876,7 @@ pub struct Stack {
     pub stations: Proc,
     pub provider: Proc,
     pub redis: Proc,
-    pub dir: tempfile::TempDir,
+    pub dir: Scratch,
     pub envoy_ports: EnvoyPorts,
     pub gatehouse_ports: GatehousePorts,
     pub provider_port: u16,
@@ -807,7 +911,7 @@ impl Stack {
     }
 
     fn start_full(fixed: FixedPorts, config: &Path) -> Self {
-        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let dir = Scratch::new("stack");
 
         let (redis, redis_port) = redis(dir.path());
         let keys = dir.path().join("provider-keys.json");
