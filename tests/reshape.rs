@@ -150,7 +150,7 @@ const OPERATIONS: [&str; 12] = [
 
 struct Fixture {
     stack: Stack,
-    _config_dir: tempfile::TempDir,
+    _config_dir: support::Scratch,
 }
 
 fn stack() -> &'static Stack {
@@ -191,7 +191,7 @@ fn stack() -> &'static Stack {
                     ),
                     1,
                 );
-            let dir = tempfile::tempdir().expect("temporary directory");
+            let dir = support::Scratch::new("reshape-config");
             let path = dir.path().join("gatehouse.yaml");
             std::fs::write(&path, config).expect("write the test config");
 

@@ -680,39 +680,11 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
 /// Sends a GET with `token` over a bare HTTP/1.1 connection to Envoy and
 /// returns the status of whatever answer arrives before the connection ends.
 fn raw_status(token: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", stack().envoy_ports.listener))
-        .expect("connect to envoy");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("read timeout");
-    let mut writer = stream.try_clone().expect("clone the stream");
-    let request =
-        format!("GET /vehicles HTTP/1.1\r\nhost: api\r\nauthorization: Bearer {token}\r\n\r\n");
-    let sending = std::thread::spawn(move || {
-        // Envoy stops reading part way; the write error that follows is
-        // expected.
-        let _ = writer.write_all(request.as_bytes());
-    });
-
-    let mut received = Vec::new();
-    let mut buf = [0_u8; 4096];
-    // A reset after the answer (or instead of it) ends the read.
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        received.extend_from_slice(&buf[..n]);
-        if received.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    drop(stream);
-    let _ = sending.join();
-
-    let text = String::from_utf8_lossy(&received);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let request = format!(
+        "GET /vehicles HTTP/1.1\r\nhost: api\r\nconnection: close\r\nauthorization: Bearer {token}\r\n\r\n"
+    );
+    support::raw_request(stack().envoy_ports.listener, request.as_bytes())
+        .map(|response| response.status)
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod providers;
 mod tests;
 #[cfg(test)]
 mod tests_ratelimit;
+mod unexpanded;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -325,7 +326,9 @@ impl Config {
         let raw = parse(path, text, env)?;
         let version = hex_digest(text.as_bytes());
 
-        compile(path, raw, version)
+        // A `${` the parser left as text is refused with the other problems.
+        let unexpanded = unexpanded::unexpanded_references(text);
+        compile(path, raw, version, unexpanded)
     }
 
     /// The route that `name` names, if any.
@@ -516,8 +519,14 @@ impl Problems {
     }
 }
 
-fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, ConfigError> {
-    let mut problems = Problems(Vec::new());
+/// Compiles the parsed file; `found` holds problems found before this step.
+fn compile(
+    path: &Path,
+    raw: FileConfig,
+    version: String,
+    found: Vec<Problem>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Problems(found);
 
     let server = Server {
         listen: raw.server.listen,

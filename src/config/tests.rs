@@ -471,3 +471,81 @@ fn a_policy_can_take_tiers_from_a_claim() {
     assert_eq!(policy.tier_claim.as_deref(), Some("plan"));
     assert_eq!(policy.limits_for(Some("gold")).0, Some("gold"));
 }
+
+#[test]
+fn quoted_and_block_references_are_refused_with_line_and_key() {
+    let vars = [
+        ("ISSUER", "https://id.example.com"),
+        ("REDIS_URL", "redis://r:6379"),
+        ("PREFIX", "gh"),
+    ];
+    let issuer = "issuer: ${ISSUER:-http://127.0.0.1:3000}";
+    let prefix = "key_prefix: ${PREFIX:-gatehouse}";
+    let cases = [
+        (issuer, "issuer: \"${ISSUER}\"", "7: provider.issuer"),
+        (issuer, "issuer: '${ISSUER}'", "7: provider.issuer"),
+        // A block value's line is its first line of text, as elsewhere.
+        (issuer, "issuer: |\n    ${ISSUER}", "8: provider.issuer"),
+        (issuer, "issuer: >-\n    ${ISSUER}", "8: provider.issuer"),
+        (
+            prefix,
+            "key_prefix: \"gh-${PREFIX}\"",
+            "11: redis.key_prefix",
+        ),
+        (
+            "audiences: [https://api.gatehouse.test]",
+            "audiences: [a, \"${AUDIENCE:-b}\"]",
+            "8: provider.audiences[1]",
+        ),
+        ("  demo-mobile:", "  ${CLIENT}:", "23: clients.${CLIENT}"),
+    ];
+
+    for (from, to, at) in cases {
+        let text = GOOD.replace(from, to);
+        assert_ne!(text, GOOD, "{from}");
+        let err = load(&text, &vars).expect_err(to).to_string();
+
+        // Other rules may refuse the text too (an issuer that is no URL).
+        let expected = format!("gatehouse.yaml:{at}: `${{` is not expanded");
+        assert!(
+            err.lines().any(|line| line.starts_with(&expected)),
+            "{to}: {err}"
+        );
+    }
+}
+
+#[test]
+fn every_unexpanded_reference_is_reported() {
+    let text = GOOD
+        .replace(
+            "key_prefix: ${PREFIX:-gatehouse}",
+            "key_prefix: \"${PREFIX}\"",
+        )
+        .replace("    prefix: /status", "    prefix: '/${STATUS}'");
+    let err = problems(&text);
+
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("gatehouse.yaml:11: redis.key_prefix: "),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("gatehouse.yaml:32: routes[1].prefix: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn other_dollars_stay_literal() {
+    let vars = [("REDIS_URL", "redis://r:6379")];
+
+    // The escape gives the text `${PREFIX}`; a quoted `$` without a brace
+    // is an ordinary character.
+    for (written, value) in [("$${PREFIX}", "${PREFIX}"), ("\"pa$word\"", "pa$word")] {
+        let text = GOOD.replace("${PREFIX:-gatehouse}", written);
+        let config = load(&text, &vars).expect(written);
+
+        assert_eq!(config.redis.expect("redis").key_prefix, value);
+    }
+}

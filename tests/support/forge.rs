@@ -308,14 +308,14 @@ pub struct Gate {
     /// The provider's key file.
     pub keys: std::path::PathBuf,
     /// Logs, keys and config.
-    pub dir: tempfile::TempDir,
+    pub dir: super::Scratch,
 }
 
 impl Gate {
     /// Starts a provider (unless `provider_up` is false) and a Gatehouse
     /// serving `config`, in which `${GATEHOUSE_ISSUER}` names the provider.
     pub fn start(config: &str, provider_up: bool) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = super::Scratch::new("gate");
         let keys = dir.path().join("keys.json");
         let provider_port = super::free_port();
         let provider =
