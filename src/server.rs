@@ -52,6 +52,10 @@ pub enum ServeError {
         source: std::io::Error,
     },
 
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::MetricsError),
+
     /// The gRPC server failed.
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -75,6 +79,13 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
     let drain = config.server.drain;
+
+    // Metrics first, so that they are served by the time Envoy can call,
+    // and nothing recorded before the recorder is lost.
+    if let Some(address) = config.server.metrics_listen {
+        crate::telemetry::serve_metrics(address)?;
+        tracing::info!(metrics.address = %address, "serving metrics for prometheus at /metrics");
+    }
 
     let listener = bind(listen).await?;
     let admin_listener = bind(admin_listen).await?;

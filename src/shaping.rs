@@ -7,9 +7,10 @@
 //! Gatehouse, and is counted.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::decision::Metadata;
-use crate::metrics::Counter;
+use crate::metrics::{self, Counter};
 use crate::reshape::{self, Step, encoding};
 use crate::state::Runtime;
 
@@ -214,8 +215,11 @@ pub async fn reshape_body_blocking(
     request_id: String,
 ) -> Option<Vec<u8>> {
     let id = request_id.clone();
+    let started = Instant::now();
     let work = move || reshape_body(&plan, &body, &request_id);
-    off_the_worker(&id, work).await.flatten()
+    let reshaped = off_the_worker(&id, work).await.flatten();
+    metrics::reshape_took(started.elapsed());
+    reshaped
 }
 
 /// Runs `work` on the blocking pool; `None` (and a warning) if it could

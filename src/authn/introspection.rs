@@ -15,6 +15,7 @@ use super::cache::{Digest, Introspected, IntrospectionExpiry, unix_now};
 use super::jwt::{check_not_future, check_required, identity_from};
 use super::{AuthnError, Identity};
 use crate::config::{Introspection, Provider};
+use crate::metrics::{self, IntrospectionResult};
 
 /// Introspection verdicts kept at most.
 const CACHE_CAPACITY: u64 = 100_000;
@@ -84,7 +85,15 @@ impl Introspector {
 
                 // reqwest's own timeout bounds the call too; this one also
                 // covers reading the body.
-                match tokio::time::timeout(budget, self.call(token, &endpoint)).await {
+                let called = tokio::time::timeout(budget, self.call(token, &endpoint)).await;
+                metrics::introspected(match &called {
+                    Ok(Ok(Introspected::Active(_))) => IntrospectionResult::Active,
+                    Ok(Ok(Introspected::Inactive)) => IntrospectionResult::Inactive,
+                    Ok(Ok(Introspected::Refused(_))) => IntrospectionResult::Rejected,
+                    Ok(Err(_)) | Err(_) => IntrospectionResult::Error,
+                });
+
+                match called {
                     Ok(verdict) => verdict.map(Arc::new),
                     Err(_) => {
                         tracing::warn!(introspection.timeout = ?budget, "introspection timed out");

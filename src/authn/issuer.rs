@@ -16,6 +16,7 @@ use super::jwt::{check_not_future, check_required, identity_from, map_jwt_error}
 use super::keys::{FetchError, KeyFetcher, KeySet};
 use super::{AuthnError, Identity};
 use crate::config::{Provider, is_hmac};
+use crate::metrics;
 
 /// How soon a failed background key refresh is retried.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
@@ -23,6 +24,8 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// A provider and the keys it publishes.
 pub struct Issuer {
     provider: Provider,
+    /// The provider's position in the configuration, its metrics label.
+    index: usize,
     fetcher: KeyFetcher,
     keys: ArcSwap<KeySet>,
     /// The introspection endpoint discovery named, when none is configured.
@@ -37,13 +40,14 @@ pub struct Issuer {
 }
 
 impl Issuer {
-    /// An issuer with no keys yet.
+    /// An issuer with no keys yet, for the `index`th configured provider.
     ///
     /// # Errors
     ///
     /// When the HTTP client cannot be built.
     pub fn new(
         provider: &Provider,
+        index: usize,
         verified: Cache<Digest, Arc<Identity>>,
     ) -> Result<Self, reqwest::Error> {
         // Building an HMAC key only copies the bytes; should it ever fail,
@@ -55,6 +59,7 @@ impl Issuer {
 
         Ok(Self {
             provider: provider.clone(),
+            index,
             fetcher: KeyFetcher::new(provider)?,
             keys: ArcSwap::from_pointee(KeySet::default()),
             discovered_introspection: ArcSwapOption::empty(),
@@ -97,7 +102,9 @@ impl Issuer {
     ///
     /// When the provider cannot be reached; the previous keys stay in force.
     pub async fn refresh(&self) -> Result<Duration, FetchError> {
-        let fetched = self.fetcher.fetch().await?;
+        let fetched = self.fetcher.fetch().await;
+        metrics::jwks_fetched(self.index, fetched.is_ok());
+        let fetched = fetched?;
         let count = fetched.keys.keys.len();
 
         self.install(fetched.keys);
@@ -339,7 +346,7 @@ mod tests {
             .expire_after(UntilExpiry)
             .support_invalidation_closures()
             .build();
-        Issuer::new(&provider(), verified).expect("an issuer")
+        Issuer::new(&provider(), 0, verified).expect("an issuer")
     }
 
     /// A key set holding the test key under `kid`.

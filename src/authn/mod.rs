@@ -203,8 +203,8 @@ impl Authenticator {
 
         let mut issuers = Vec::with_capacity(providers.len());
         let mut introspection = None;
-        for provider in providers {
-            let issuer = Arc::new(Issuer::new(provider, verified.clone())?);
+        for (index, provider) in providers.iter().enumerate() {
+            let issuer = Arc::new(Issuer::new(provider, index, verified.clone())?);
             if let Some(settings) = &provider.introspection {
                 let introspector = Introspector::new(provider, settings)?;
                 introspection = Some((issuer.clone(), introspector));

@@ -82,6 +82,10 @@ pub struct ServerSection {
     /// The admin API's address; loopback unless there is a reason not to.
     pub admin_listen: SocketAddr,
 
+    /// Where Prometheus scrapes `/metrics` (plain HTTP, its own listener);
+    /// absent, no metrics are served. Must differ from both other addresses.
+    pub metrics_listen: Option<Spanned<SocketAddr>>,
+
     /// How long requests are still answered after SIGTERM, in seconds.
     pub drain_seconds: u64,
 
@@ -94,6 +98,7 @@ impl Default for ServerSection {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            metrics_listen: None,
             drain_seconds: 5,
             log_format: LogFormat::Text,
         }

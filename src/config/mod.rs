@@ -91,6 +91,8 @@ pub struct Server {
     pub listen: SocketAddr,
     /// The admin API's address.
     pub admin_listen: SocketAddr,
+    /// Where `/metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// How long requests are still answered after SIGTERM.
     pub drain: Duration,
     /// Log line format.
@@ -531,6 +533,11 @@ fn compile(
     let server = Server {
         listen: raw.server.listen,
         admin_listen: raw.server.admin_listen,
+        metrics_listen: raw
+            .server
+            .metrics_listen
+            .as_ref()
+            .map(|spanned| spanned.value),
         drain: Duration::from_secs(raw.server.drain_seconds),
         log_format: raw.server.log_format,
     };
@@ -539,6 +546,15 @@ fn compile(
             None,
             "server.admin_listen",
             "must differ from server.listen",
+        );
+    }
+    if let Some(metrics) = &raw.server.metrics_listen
+        && [server.listen, server.admin_listen].contains(&metrics.value)
+    {
+        problems.add(
+            Some(&metrics.referenced),
+            "server.metrics_listen",
+            "must differ from server.listen and server.admin_listen",
         );
     }
 

@@ -135,6 +135,39 @@ fn wrong_type_names_the_key() {
 }
 
 #[test]
+fn metrics_listen_is_optional_and_must_be_an_address_of_its_own() {
+    let config = load(GOOD, &[("REDIS_URL", "redis://r:6379")]).expect("valid file");
+    assert_eq!(
+        config.server.metrics_listen, None,
+        "no metrics unless asked"
+    );
+
+    let with = |address: &str| {
+        let line = format!("  admin_listen: 127.0.0.1:50052\n  metrics_listen: {address}");
+        GOOD.replace("  admin_listen: 127.0.0.1:50052", &line)
+    };
+    let config = load(&with("127.0.0.1:9464"), &[("REDIS_URL", "redis://r:6379")])
+        .expect("a distinct address");
+    let expected = "127.0.0.1:9464".parse().ok();
+    assert_eq!(config.server.metrics_listen, expected);
+
+    // Line 5 of GOOD once the key is inserted after admin_listen.
+    for taken in ["127.0.0.1:50051", "127.0.0.1:50052"] {
+        let err = problems(&with(taken));
+        assert_eq!(
+            err,
+            "gatehouse.yaml:5: server.metrics_listen: \
+             must differ from server.listen and server.admin_listen"
+        );
+    }
+    let err = problems(&with("nowhere"));
+    assert!(
+        err.starts_with("gatehouse.yaml:5: server.metrics_listen: "),
+        "{err}"
+    );
+}
+
+#[test]
 fn zero_requests_is_refused() {
     let err = problems(&GOOD.replace("requests: 5", "requests: 0"));
 

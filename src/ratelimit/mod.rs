@@ -12,9 +12,10 @@ mod redis;
 pub mod scripts;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{self, FailureMode, Limit, RateLimitPolicy};
+use crate::metrics::{self, LimitOutcome};
 use memory::MemoryStore;
 use redis::RedisStore;
 
@@ -214,9 +215,15 @@ impl Limiter {
     pub async fn decide(&self, query: &Query<'_>) -> Outcome {
         let policy = query.policy;
 
+        let counted = |outcome| metrics::ratelimit_decided(&policy.name, outcome);
+
         match self.check(query).await {
-            Ok(verdict) if verdict.allowed => Outcome::Allowed(verdict),
+            Ok(verdict) if verdict.allowed => {
+                counted(LimitOutcome::Allowed);
+                Outcome::Allowed(verdict)
+            }
             Ok(verdict) if policy.shadow => {
+                counted(LimitOutcome::ShadowLimited);
                 tracing::info!(
                     ratelimit.policy = %policy.name,
                     ratelimit.shadow = true,
@@ -224,7 +231,10 @@ impl Limiter {
                 );
                 Outcome::Allowed(verdict)
             }
-            Ok(verdict) => Outcome::Refused(verdict),
+            Ok(verdict) => {
+                counted(LimitOutcome::Limited);
+                Outcome::Refused(verdict)
+            }
             Err(err) => {
                 let total = self.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
                 let open = policy.failure_mode == FailureMode::Open;
@@ -237,8 +247,10 @@ impl Limiter {
                     "rate limit store failed; policy failure mode applied"
                 );
                 if open {
+                    counted(LimitOutcome::FailedOpen);
                     Outcome::FailedOpen
                 } else {
+                    counted(LimitOutcome::FailedClosed);
                     Outcome::FailedClosed
                 }
             }
@@ -251,10 +263,13 @@ impl Limiter {
     ///
     /// When the store cannot answer.
     pub async fn check(&self, query: &Query<'_>) -> Result<Verdict, StoreError> {
-        match &self.store {
-            Store::Redis(store) => store.check(query).await,
-            Store::Memory(store) => Ok(store.check(query)),
-        }
+        let started = Instant::now();
+        let (store, result) = match &self.store {
+            Store::Redis(store) => ("redis", store.check(query).await),
+            Store::Memory(store) => ("memory", Ok(store.check(query))),
+        };
+        metrics::ratelimit_store_called(store, started.elapsed());
+        result
     }
 
     /// Decisions that fell back to a failure mode since this limiter started.
