@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod forge;
+pub mod scrape;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -537,6 +538,19 @@ pub struct GatehousePorts {
     pub admin: u16,
 }
 
+/// The variable `config/gatehouse.yaml` reads `server.metrics_listen` from.
+pub const METRICS_LISTEN: &str = "GATEHOUSE_METRICS_LISTEN";
+
+/// The port `env` gives `server.metrics_listen` (a file that reads
+/// [`METRICS_LISTEN`] serves metrics there).
+pub fn metrics_port(env: &[(String, String)]) -> u16 {
+    env.iter()
+        .find(|(key, _)| key == METRICS_LISTEN)
+        .and_then(|(_, value)| value.parse::<SocketAddr>().ok())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|| panic!("{METRICS_LISTEN} in the environment"))
+}
+
 /// The environment that points `config/gatehouse.yaml` at these parts.
 pub fn gatehouse_env(
     ports: GatehousePorts,
@@ -552,6 +566,9 @@ pub fn gatehouse_env(
             "GATEHOUSE_ADMIN_LISTEN".into(),
             format!("127.0.0.1:{}", ports.admin),
         ),
+        // A port of its own for every Gatehouse, so that parallel tests
+        // never clash on the shipped file's default.
+        (METRICS_LISTEN.into(), format!("127.0.0.1:{}", free_port())),
         (
             "GATEHOUSE_ISSUER".into(),
             format!("http://127.0.0.1:{issuer_port}"),
@@ -904,6 +921,8 @@ pub struct Stack {
     pub dir: Scratch,
     pub envoy_ports: EnvoyPorts,
     pub gatehouse_ports: GatehousePorts,
+    /// Where Gatehouse serves `/metrics`, when its file reads the variable.
+    pub metrics_port: u16,
     pub provider_port: u16,
     pub redis_port: u16,
     pub vehicles_port: u16,
@@ -917,6 +936,8 @@ pub struct FixedPorts {
     pub envoy: Option<u16>,
     /// The provider.
     pub provider: Option<u16>,
+    /// Gatehouse's metrics endpoint.
+    pub metrics: Option<u16>,
 }
 
 impl Stack {
@@ -954,6 +975,11 @@ impl Stack {
             "GATEHOUSE_COMPOSITE_UPSTREAM".into(),
             format!("http://127.0.0.1:{parts}"),
         ));
+        if let Some(port) = fixed.metrics {
+            env.retain(|(key, _)| key != METRICS_LISTEN);
+            env.push((METRICS_LISTEN.into(), format!("127.0.0.1:{port}")));
+        }
+        let metrics_port = metrics_port(&env);
         let (gatehouse, gatehouse_ports) = gatehouse(dir.path(), config, &env, false);
 
         let (envoy, envoy_ports) = envoy_with_parts(
@@ -975,6 +1001,7 @@ impl Stack {
             dir,
             envoy_ports,
             gatehouse_ports,
+            metrics_port,
             provider_port,
             redis_port,
             vehicles_port,
