@@ -14,6 +14,8 @@ use support::{FixedPorts, MOBILE, PARTNER, Stack, WEB};
 const ENVOY_PORT: u16 = 10000;
 /// The provider's port, so its token endpoint stays the same between runs.
 const PROVIDER_PORT: u16 = 9400;
+/// Gatehouse's metrics, at the default of `config/gatehouse.yaml`.
+const METRICS_PORT: u16 = 9464;
 
 #[tokio::main]
 async fn main() {
@@ -21,6 +23,7 @@ async fn main() {
     let fixed = FixedPorts {
         envoy: Some(ENVOY_PORT),
         provider: Some(PROVIDER_PORT),
+        metrics: Some(METRICS_PORT),
     };
     let stack = tokio::task::spawn_blocking(move || Stack::start_with(fixed))
         .await
@@ -130,6 +133,10 @@ async fn main() {
     println!(
         "  curl -s -H \"Authorization: Bearer $TOKEN\" {}",
         stack.url("/vehicles")
+    );
+    println!(
+        "  curl -s http://127.0.0.1:{}/metrics | grep '^gatehouse_check'",
+        stack.metrics_port
     );
     println!();
     println!("the stack keeps running; press Ctrl-C to stop it.");
