@@ -163,6 +163,10 @@ pub enum StoreError {
     /// Redis answered something the scripts never return.
     #[error("rate limit store gave an unexpected answer")]
     BadReply,
+
+    /// The thread that talks to Redis stopped before the call ended.
+    #[error("rate limit store stopped")]
+    Stopped,
 }
 
 impl StoreError {
@@ -174,7 +178,7 @@ impl StoreError {
             Self::Redis(err) => {
                 err.is_timeout() || err.is_connection_dropped() || err.is_io_error()
             }
-            Self::BadReply => false,
+            Self::BadReply | Self::Stopped => false,
         }
     }
 }
