@@ -25,7 +25,9 @@ pub const FALLBACK_LOG: &str = "policy failure mode applied";
 
 /// A Gatehouse configuration for rate-limit tests: no token routes, so no
 /// provider is needed (its address is a closed port and only its key
-/// refresh complains). `redis` is the body of the `redis:` section.
+/// refresh complains). `redis` is the body of the `redis:` section. The
+/// provider's fetches are short so that Redis budgets up to the largest
+/// allowed (500 ms) still fit in a Check with them.
 pub fn config(redis: &str, rate_limits: &str, routes: &str) -> String {
     format!(
         "server:
@@ -35,6 +37,7 @@ pub fn config(redis: &str, rate_limits: &str, routes: &str) -> String {
 provider:
   issuer: http://127.0.0.1:9
   audiences: [https://api.gatehouse.test]
+  fetch_timeout_ms: 100
 client_address_header: x-gatehouse-client-address
 redis:
 {redis}
