@@ -204,6 +204,34 @@ pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
     found
 }
 
+/// Every key under Gatehouse's prefix on the Redis at `port`, with its value
+/// (a GCRA key holds its TAT, a fixed-window key its count).
+pub async fn key_values(port: u16) -> HashMap<String, String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("gatehouse:rl:*")
+        .query_async(&mut connection)
+        .await
+        .expect("list keys");
+    let mut values = HashMap::new();
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .expect("get");
+        if let Some(value) = value {
+            values.insert(key, value);
+        }
+    }
+    values
+}
+
 /// Fails when any key Gatehouse wrote on these Redis nodes lacks a TTL;
 /// returns how many keys were seen.
 pub async fn assert_every_key_has_a_ttl(ports: &[u16]) -> usize {
