@@ -202,7 +202,7 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// When the Redis URL cannot be parsed.
+    /// When the Redis URL cannot be parsed, or Redis's thread cannot start.
     pub fn new(redis: Option<&config::Redis>) -> Result<Self, ::redis::RedisError> {
         let store = match redis {
             Some(redis) => Store::Redis(RedisStore::new(redis)?),
