@@ -34,7 +34,7 @@ pub struct Request<'a> {
 /// Decides what happens to `request`.
 pub async fn decide(runtime: &Runtime, request: Request<'_>) -> Decision {
     match evaluate(runtime, request).await {
-        Ok(allow) => Decision::Allow(allow),
+        Ok(allow) => Decision::Allow(Box::new(allow)),
         Err(refusal) => {
             tracing::info!(authz.decision = "deny", authz.reason = refusal.code(), error = %refusal);
             Decision::Deny(refusal.into_deny(request.request_id))
