@@ -101,6 +101,8 @@ async fn main() {
     )
     .await;
 
+    // GCRA, the default algorithm: the burst of 5 goes through at once, the
+    // sixth must wait for the next 12 s interval.
     let token = support::token(&stack.token_endpoint(), WEB, scope).await;
     for n in 1..=6 {
         let response = http
@@ -111,7 +113,8 @@ async fn main() {
             .expect("request");
         if n == 6 {
             show(
-                "GET /stations, the 6th time in a minute (the limit is 5)",
+                "GET /stations, the 6th time in a row (policy `stations`: 5 a minute, \
+                 smoothed: a burst of 5, then one every 12 s)",
                 response,
             )
             .await;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::authn::{Credentials, Identity};
+use crate::authn::{Credentials, Identity, bearer};
 use crate::authz;
 use crate::config::{Forward, Route};
 use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
@@ -34,7 +34,7 @@ pub struct Request<'a> {
 /// Decides what happens to `request`.
 pub async fn decide(runtime: &Runtime, request: Request<'_>) -> Decision {
     match evaluate(runtime, request).await {
-        Ok(allow) => Decision::Allow(allow),
+        Ok(allow) => Decision::Allow(Box::new(allow)),
         Err(refusal) => {
             tracing::info!(authz.decision = "deny", authz.reason = refusal.code(), error = %refusal);
             Decision::Deny(refusal.into_deny(request.request_id))
@@ -90,23 +90,38 @@ async fn evaluate(runtime: &Runtime, request: Request<'_>) -> Result<Allow, Refu
     };
 
     // The token stops here: services behind the gateway get the identity
-    // headers instead, and no client-supplied copy of those survives.
+    // headers instead, and no client-supplied copy of those survives. A
+    // token sent in the query is cut from the path too, or it would reach
+    // the services' own access logs.
     allow.remove_headers.push("authorization".to_owned());
+    if !route.public {
+        allow.remove_query.push(bearer::QUERY_PARAMETER.to_owned());
+    }
     let forward = &config.tokens.forward;
     if let Some(identity) = &identity {
         allow.set_headers = identity_headers(forward, identity);
     }
     route_headers(route, &mut allow);
+    protect_identity_headers(forward, &mut allow);
+
+    tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
+    Ok(allow)
+}
+
+/// Makes sure every identity header reaching a service is Gatehouse's own.
+///
+/// A name Gatehouse sets replaces the client's copy (Envoy overwrites every
+/// value of a set header). Every other reserved or forwarded name is
+/// removed, even one a route appends to (which the config refuses): Envoy
+/// applies removals last, so an appended value never travels beside a
+/// client's.
+fn protect_identity_headers(forward: &Forward, allow: &mut Allow) {
     for name in IDENTITY_HEADERS.into_iter().chain(forward.names()) {
-        let set = allow.set_headers.iter().any(|(set, _)| set == name)
-            || allow.add_headers.iter().any(|(added, _)| added == name);
+        let set = allow.set_headers.iter().any(|(set, _)| set == name);
         if !set && !allow.remove_headers.iter().any(|removed| removed == name) {
             allow.remove_headers.push(name.to_owned());
         }
     }
-
-    tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
-    Ok(allow)
 }
 
 /// The profile for this client on this route; see [`crate::profile`].
@@ -298,7 +313,39 @@ fn identity_headers(forward: &Forward, identity: &Identity) -> Vec<(String, Stri
 
 #[cfg(test)]
 mod tests {
-    use super::fill_placeholders;
+    use super::{Allow, Forward, fill_placeholders, protect_identity_headers};
+
+    #[test]
+    fn only_headers_gatehouse_sets_escape_removal() {
+        let forward = Forward {
+            client_id: Some("x-gatehouse-client-id".to_owned()),
+            subject: None,
+            scopes: Some("x-gatehouse-scopes".to_owned()),
+            claims: vec![("tenant".to_owned(), "x-tenant".to_owned())],
+        };
+        let pair = |name: &str| (name.to_owned(), "value".to_owned());
+        let mut allow = Allow {
+            set_headers: vec![pair("x-gatehouse-client-id"), pair("x-gatehouse-route")],
+            add_headers: vec![pair("x-gatehouse-profile"), pair("x-tenant")],
+            ..Allow::default()
+        };
+
+        protect_identity_headers(&forward, &mut allow);
+
+        // Set names replace the client's copy; every other identity name is
+        // removed, appended ones too, since Envoy removes after it appends.
+        let mut removed = allow.remove_headers.clone();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                "x-gatehouse-profile",
+                "x-gatehouse-scopes",
+                "x-gatehouse-subject",
+                "x-tenant",
+            ]
+        );
+    }
 
     #[test]
     fn placeholders_are_filled_once() {

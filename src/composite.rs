@@ -9,9 +9,11 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{Map, Value, json};
 
-use crate::config::{Composite, MergeMode, Part};
+use crate::config::{Composite, Forward, MergeMode, Part};
+use crate::decision::IDENTITY_HEADERS;
 use crate::metrics::Counter;
 use crate::reshape::{self, Step};
+use crate::shaping::OUTPUT_FACTOR;
 
 /// The response header that lists the parts that did not arrive.
 pub const PARTIAL_HEADER: &str = "x-gatehouse-partial";
@@ -19,10 +21,14 @@ pub const PARTIAL_HEADER: &str = "x-gatehouse-partial";
 /// The body field that says why each missing part is missing.
 pub const PARTIAL_FIELD: &str = "partial_failures";
 
+/// The request id header, forwarded so every part logs the same id.
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// The answer to send the client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    /// HTTP status: 200 when any part arrived, 502 when none did.
+    /// HTTP status: 200 when any part arrived, 502 when none did (or the
+    /// shaped answer would be too large).
     pub status: u16,
     /// Response headers besides `content-type`.
     pub headers: Vec<(String, String)>,
@@ -47,15 +53,40 @@ enum PartError {
 
 /// One pooled client for every composite: the parts go to one loopback
 /// listener, and keeping its connections warm saves a handshake per part.
-fn client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
+/// Building it fails only when TLS cannot start; the error is logged once
+/// and every part is then reported unreachable.
+fn client() -> Option<&'static reqwest::Client> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    let built = CLIENT.get_or_init(|| {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_millis(250))
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new())
-    })
+            .map_err(|err| {
+                tracing::error!(
+                    error = %err,
+                    "composite http client cannot start; every part will be unreachable",
+                );
+                err.to_string()
+            })
+    });
+    built.as_ref().ok()
+}
+
+/// The request headers a part may see: the ones Check vouches for (the
+/// reserved identity names and every `tokens.forward` name, which Check
+/// sets or removes on every request it allows) and the request id. Any
+/// other header the client sent stays at the edge.
+pub fn forwarded(headers: Vec<(String, String)>, forward: &Forward) -> Vec<(String, String)> {
+    let vouched = |name: &str| {
+        name == REQUEST_ID_HEADER
+            || IDENTITY_HEADERS.contains(&name)
+            || forward.names().any(|configured| configured == name)
+    };
+    headers
+        .into_iter()
+        .filter(|(name, _)| vouched(name))
+        .collect()
 }
 
 /// Fetches every part with `forward` headers (identity, request id), merges
@@ -63,20 +94,30 @@ fn client() -> &'static reqwest::Client {
 pub async fn answer(
     composite: &Composite,
     forward: &[(String, String)],
-    steps: &[Step],
+    steps: Vec<Step>,
+    max_body_bytes: u64,
+) -> Answer {
+    answer_with(client(), composite, forward, steps, max_body_bytes).await
+}
+
+async fn answer_with(
+    client: Option<&reqwest::Client>,
+    composite: &Composite,
+    forward: &[(String, String)],
+    steps: Vec<Step>,
     max_body_bytes: u64,
 ) -> Answer {
     let fetches = composite
         .parts
         .iter()
-        .map(|part| fetch(part, forward, max_body_bytes));
+        .map(|part| fetch(client, part, forward, max_body_bytes));
     let results = join_all(fetches).await;
 
     let mut failures = Map::new();
     let mut arrived = Vec::new();
     for (part, result) in composite.parts.iter().zip(results) {
         match result {
-            Ok(value) => arrived.push((part.key.as_str(), value)),
+            Ok(value) => arrived.push((part.key.clone(), value)),
             Err(err) => {
                 Counter::CompositeBackendFailed.inc();
                 tracing::info!(composite.part = %part.key, error = %err, "composite part missing");
@@ -85,8 +126,41 @@ pub async fn answer(
         }
     }
 
-    let mut body = merge(composite.merge, arrived, &mut failures);
-    reshape::apply(steps, &mut body);
+    // Merging and shaping up to a few bodies of the limit is CPU work:
+    // it runs on the blocking pool, off the workers that serve Check.
+    let parts = composite.parts.len();
+    let max_output = max_body_bytes
+        .saturating_mul(OUTPUT_FACTOR)
+        .saturating_mul(parts.max(1) as u64);
+    let merge_mode = composite.merge;
+    let build = move || build(merge_mode, arrived, failures, &steps, parts, max_output);
+    let answer = match tokio::task::spawn_blocking(build).await {
+        Ok(answer) => answer,
+        Err(err) => {
+            tracing::warn!(error = %err, "composite answer could not be built");
+            failed("composite_failed")
+        }
+    };
+    Counter::CompositeAnswered.inc();
+    answer
+}
+
+/// Merges what arrived, shapes it and adds the failures.
+fn build(
+    mode: MergeMode,
+    arrived: Vec<(String, Value)>,
+    mut failures: Map<String, Value>,
+    steps: &[Step],
+    parts: usize,
+    max_output: u64,
+) -> Answer {
+    let mut body = merge(mode, arrived, &mut failures);
+    if let Err(err) = reshape::apply(steps, &mut body, max_output) {
+        // Unshaped data may hold what the profile removes, so it is not
+        // sent; the client learns why instead.
+        tracing::info!(error = %err, "composite answer would be too large once shaped");
+        return failed("composite_too_large");
+    }
 
     let mut headers = Vec::new();
     if !failures.is_empty() {
@@ -100,12 +174,7 @@ pub async fn answer(
         }
     }
 
-    let status = if failures.len() == composite.parts.len() {
-        502
-    } else {
-        200
-    };
-    Counter::CompositeAnswered.inc();
+    let status = if failures.len() == parts { 502 } else { 200 };
     Answer {
         status,
         headers,
@@ -113,13 +182,26 @@ pub async fn answer(
     }
 }
 
+/// A 502 that names why no composite answer could be made.
+fn failed(error: &str) -> Answer {
+    Answer {
+        status: 502,
+        headers: Vec::new(),
+        body: json!({ "error": error }).to_string().into_bytes(),
+    }
+}
+
 /// One body from the parts: each under its key, or their fields together.
-fn merge(mode: MergeMode, arrived: Vec<(&str, Value)>, failures: &mut Map<String, Value>) -> Value {
+fn merge(
+    mode: MergeMode,
+    arrived: Vec<(String, Value)>,
+    failures: &mut Map<String, Value>,
+) -> Value {
     let mut merged = Map::new();
     for (key, value) in arrived {
         match (mode, value) {
             (MergeMode::Keyed, value) => {
-                merged.insert(key.to_owned(), value);
+                merged.insert(key, value);
             }
             (MergeMode::TopLevel, Value::Object(fields)) => {
                 for (field, value) in fields {
@@ -127,10 +209,7 @@ fn merge(mode: MergeMode, arrived: Vec<(&str, Value)>, failures: &mut Map<String
                 }
             }
             (MergeMode::TopLevel, _) => {
-                failures.insert(
-                    key.to_owned(),
-                    json!("answered with JSON that is not an object"),
-                );
+                failures.insert(key, json!("answered with JSON that is not an object"));
             }
         }
     }
@@ -138,12 +217,14 @@ fn merge(mode: MergeMode, arrived: Vec<(&str, Value)>, failures: &mut Map<String
 }
 
 async fn fetch(
+    client: Option<&reqwest::Client>,
     part: &Part,
     forward: &[(String, String)],
     max_body_bytes: u64,
 ) -> Result<Value, PartError> {
+    let client = client.ok_or(PartError::Unreachable)?;
     let call = async {
-        let mut request = client().get(&part.url);
+        let mut request = client.get(&part.url);
         for (name, value) in forward {
             request = request.header(name, value);
         }
@@ -175,12 +256,32 @@ async fn fetch(
 mod tests {
     use super::*;
 
+    fn owned(parts: Vec<(&str, Value)>) -> Vec<(String, Value)> {
+        parts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    fn composite(keys: &[&str]) -> Composite {
+        let parts = keys
+            .iter()
+            .map(|key| Part {
+                key: (*key).to_owned(),
+                url: format!("http://127.0.0.1:9/{key}"),
+                timeout: Duration::from_millis(200),
+            })
+            .collect();
+        Composite {
+            merge: MergeMode::Keyed,
+            parts,
+            budget: Duration::from_millis(200),
+        }
+    }
+
     #[test]
     fn keyed_merge_puts_each_part_under_its_key() {
         let mut failures = Map::new();
         let merged = merge(
             MergeMode::Keyed,
-            vec![("a", json!([1])), ("b", json!({"x": 1}))],
+            owned(vec![("a", json!([1])), ("b", json!({"x": 1}))]),
             &mut failures,
         );
 
@@ -193,15 +294,92 @@ mod tests {
         let mut failures = Map::new();
         let merged = merge(
             MergeMode::TopLevel,
-            vec![
+            owned(vec![
                 ("a", json!({"x": 1, "y": 2})),
                 ("b", json!({"x": 9, "z": 3})),
                 ("c", json!([1])),
-            ],
+            ]),
             &mut failures,
         );
 
         assert_eq!(merged, json!({"x": 1, "y": 2, "z": 3}));
         assert!(failures.contains_key("c"));
+    }
+
+    #[test]
+    fn only_headers_check_controls_are_forwarded() {
+        let forward = Forward {
+            client_id: Some("x-caller".to_owned()),
+            subject: None,
+            scopes: None,
+            claims: vec![("tenant".to_owned(), "x-tenant".to_owned())],
+        };
+        let sent = [
+            ("x-request-id", "r-1"),
+            ("x-caller", "demo-web"),
+            ("x-tenant", "t-9"),
+            ("x-gatehouse-client-id", "demo-web"),
+            ("x-gatehouse-profile", "mobile"),
+            ("x-gatehouse-whatever", "forged"),
+            ("cookie", "session"),
+            ("x-client-type", "web"),
+        ];
+        let headers = sent
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+
+        let names: Vec<String> = forwarded(headers, &forward)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "x-request-id",
+                "x-caller",
+                "x-tenant",
+                "x-gatehouse-client-id",
+                "x-gatehouse-profile"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_an_http_client_every_part_is_unreachable() {
+        let answer = answer_with(None, &composite(&["a", "b"]), &[], Vec::new(), 1024).await;
+
+        assert_eq!(answer.status, 502);
+        assert_eq!(
+            answer.headers,
+            [(PARTIAL_HEADER.to_owned(), "a,b".to_owned())]
+        );
+        let body: Value = serde_json::from_slice(&answer.body).expect("json");
+        assert_eq!(
+            body[PARTIAL_FIELD],
+            json!({"a": "unreachable", "b": "unreachable"})
+        );
+    }
+
+    #[test]
+    fn an_answer_too_large_once_shaped_is_not_sent_unshaped() {
+        // One long key over many leaves: flattening repeats it in each.
+        let leaves: Map<String, Value> = (0..2000).map(|i| (format!("k{i}"), json!(0))).collect();
+        let mut long = Map::new();
+        long.insert("p".repeat(10_000), Value::Object(leaves));
+        let arrived = owned(vec![("a", Value::Object(long))]);
+        let steps: Vec<Step> =
+            serde_json::from_str(r#"[{"flatten": {}}]"#).expect("test steps deserialize");
+
+        let answer = build(
+            MergeMode::Keyed,
+            arrived,
+            Map::new(),
+            &steps,
+            1,
+            1024 * 1024,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
     }
 }

@@ -40,8 +40,9 @@ pub const IDENTITY_HEADERS: [&str; 5] = [
 /// What Check decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Forward the request, changed as described.
-    Allow(Allow),
+    /// Forward the request, changed as described. Boxed: an allow carries
+    /// several lists and the metadata, a denial only a status and a body.
+    Allow(Box<Allow>),
     /// Answer the client directly.
     Deny(Deny),
 }
@@ -55,6 +56,8 @@ pub struct Allow {
     pub add_headers: Vec<(String, String)>,
     /// Headers removed from the upstream request.
     pub remove_headers: Vec<String>,
+    /// Query parameters removed from the upstream request's path.
+    pub remove_query: Vec<String>,
     /// Headers added to the response the client gets.
     pub response_headers: Vec<(String, String)>,
     /// What ext_proc needs to know later about this request.

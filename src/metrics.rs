@@ -1,12 +1,13 @@
-//! Process-wide counters of what ext_proc did with responses, read through
-//! the admin API's `GetCounters`.
+//! Process-wide counters of what ext_proc did with responses and of how
+//! often a verified token came from the cache, read through the admin API's
+//! `GetCounters`.
 //!
 //! Counters are plain atomics: they only grow, reset on restart, and cost
-//! one relaxed add on the response path.
+//! one relaxed add where they are counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// One thing worth counting on the response path.
+/// One thing worth counting on the request or response path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
     /// A response's headers reached ext_proc and its body was left alone
@@ -19,8 +20,8 @@ pub enum Counter {
     /// A body that a profile applies to was not JSON (by its type, or by
     /// failing to parse) and passed unchanged.
     PassedNotJson,
-    /// A body was larger than the limit (before or after decoding) and passed
-    /// unchanged.
+    /// A body was larger than the limit (before or after decoding), or would
+    /// have been once reshaped, and passed unchanged.
     PassedTooLarge,
     /// A body in an encoding Gatehouse cannot decode passed unchanged.
     PassedEncoded,
@@ -28,9 +29,13 @@ pub enum Counter {
     CompositeAnswered,
     /// A backend of a composite endpoint failed or timed out.
     CompositeBackendFailed,
+    /// A JWT was found in the verified-token cache: no signature check.
+    TokenCacheHit,
+    /// A JWT was not in the verified-token cache and went on to be verified.
+    TokenCacheMiss,
 }
 
-const ALL: [Counter; 8] = [
+const ALL: [Counter; 10] = [
     Counter::ReshapeSkipped,
     Counter::ReshapeBuffered,
     Counter::Reshaped,
@@ -39,6 +44,8 @@ const ALL: [Counter; 8] = [
     Counter::PassedEncoded,
     Counter::CompositeAnswered,
     Counter::CompositeBackendFailed,
+    Counter::TokenCacheHit,
+    Counter::TokenCacheMiss,
 ];
 
 static VALUES: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
@@ -55,6 +62,8 @@ impl Counter {
             Self::PassedEncoded => "reshape_passed_encoded",
             Self::CompositeAnswered => "composite_answered",
             Self::CompositeBackendFailed => "composite_backend_failed",
+            Self::TokenCacheHit => "token_cache_hits",
+            Self::TokenCacheMiss => "token_cache_misses",
         }
     }
 

@@ -84,13 +84,9 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
 
     let state = Arc::new(State::new(config)?);
     let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::NotServing).await;
-    let (draining_tx, draining) = watch::channel(false);
-    tokio::spawn(track_readiness(
-        state.clone(),
-        reporter.clone(),
-        draining.clone(),
-    ));
+    let gate = HealthGate::new(reporter);
+    gate.set_ready(false).await;
+    tokio::spawn(track_readiness(state.clone(), gate.clone()));
     tokio::spawn(reload_on_hangup(state.clone()));
 
     let (finish_tx, finish) = watch::channel(false);
@@ -131,8 +127,7 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
         drain.seconds = drain.as_secs(),
         "shutdown requested; draining"
     );
-    let _ = draining_tx.send(true);
-    set_health(&reporter, ServingStatus::NotServing).await;
+    gate.drain().await;
 
     tokio::select! {
         result = &mut servers => { result?; return Ok(()); }
@@ -165,31 +160,71 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 /// SERVING once the signing keys are loaded, until the drain starts.
-async fn track_readiness(
-    state: Arc<State>,
-    reporter: HealthReporter,
-    draining: watch::Receiver<bool>,
-) {
+async fn track_readiness(state: Arc<State>, gate: HealthGate) {
     let mut ready = false;
 
-    loop {
-        if *draining.borrow() {
-            return;
-        }
-
+    while !gate.is_draining().await {
         let now_ready = state.load().authn.has_keys();
         if now_ready != ready {
             ready = now_ready;
-            let status = if ready {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
             tracing::info!(ready, "readiness changed");
-            set_health(&reporter, status).await;
+            if !gate.set_ready(ready).await {
+                return;
+            }
         }
 
         tokio::time::sleep(READINESS_PERIOD).await;
+    }
+}
+
+// === impl HealthGate ===
+
+/// The one writer of health: SERVING only while ready and not draining.
+///
+/// The readiness loop and the drain both report through one lock, so a
+/// SERVING that the loop computed just before the drain began cannot land
+/// after the drain's NOT_SERVING; once draining, nothing turns it back.
+#[derive(Clone)]
+struct HealthGate {
+    reporter: HealthReporter,
+    draining: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl HealthGate {
+    fn new(reporter: HealthReporter) -> Self {
+        Self {
+            reporter,
+            draining: Arc::new(tokio::sync::Mutex::new(false)),
+        }
+    }
+
+    /// Reports readiness, unless the drain has begun; returns whether it
+    /// still reports (false: draining, health stays NOT_SERVING).
+    async fn set_ready(&self, ready: bool) -> bool {
+        let draining = self.draining.lock().await;
+        if *draining {
+            return false;
+        }
+
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&self.reporter, status).await;
+        true
+    }
+
+    /// Whether the drain has begun.
+    async fn is_draining(&self) -> bool {
+        *self.draining.lock().await
+    }
+
+    /// NOT_SERVING from now on.
+    async fn drain(&self) {
+        let mut draining = self.draining.lock().await;
+        *draining = true;
+        set_health(&self.reporter, ServingStatus::NotServing).await;
     }
 }
 
@@ -235,5 +270,41 @@ async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Request;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::HealthService;
+
+    use super::*;
+
+    async fn status(service: &HealthService, name: &str) -> i32 {
+        let request = Request::new(HealthCheckRequest {
+            service: name.to_owned(),
+        });
+        let response = service.check(request).await.expect("a known service");
+        response.into_inner().status
+    }
+
+    #[tokio::test]
+    async fn readiness_reported_after_the_drain_began_changes_nothing() {
+        let reporter = HealthReporter::new();
+        let service = HealthService::from_health_reporter(reporter.clone());
+        let gate = HealthGate::new(reporter);
+
+        assert!(gate.set_ready(true).await);
+        assert_eq!(status(&service, "").await, ServingStatus::Serving as i32);
+
+        // The readiness loop's late SERVING, after the drain's NOT_SERVING.
+        gate.drain().await;
+        assert!(!gate.set_ready(true).await, "the loop is told to stop");
+        for name in std::iter::once("").chain(SERVICES) {
+            let got = status(&service, name).await;
+            assert_eq!(got, ServingStatus::NotServing as i32, "{name:?}");
+        }
     }
 }

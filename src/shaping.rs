@@ -55,6 +55,11 @@ pub enum Encoding {
     Gzip,
 }
 
+/// How many times `reshape.max_body_bytes` a reshaped body may be. The Envoy
+/// config holds twice the limit per connection (see docs/reshape.md, tuning
+/// Envoy), so a larger result could not be handed back; it passes unchanged.
+pub const OUTPUT_FACTOR: u64 = 2;
+
 /// What to do with one response's body.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -67,6 +72,14 @@ pub struct Plan {
     pub unknown_length: bool,
     /// The most bytes reshaped, encoded or decoded.
     pub max_body_bytes: u64,
+}
+
+impl Plan {
+    /// The most bytes a reshaped body (and the keys `flatten` builds on the
+    /// way) may take: [`OUTPUT_FACTOR`] times the input limit.
+    pub fn max_output_bytes(&self) -> u64 {
+        self.max_body_bytes.saturating_mul(OUTPUT_FACTOR)
+    }
 }
 
 /// The steps to apply to this response's body, or why there are none.
@@ -192,8 +205,43 @@ fn decide(
     }
 }
 
+/// [`reshape_body`] on tokio's blocking pool: parsing, reshaping and gzip
+/// of a body up to the limit take milliseconds of CPU, which on a runtime
+/// worker would stall every other stream and Check on that worker.
+pub async fn reshape_body_blocking(
+    plan: Plan,
+    body: Vec<u8>,
+    request_id: String,
+) -> Option<Vec<u8>> {
+    let id = request_id.clone();
+    let work = move || reshape_body(&plan, &body, &request_id);
+    off_the_worker(&id, work).await.flatten()
+}
+
+/// Runs `work` on the blocking pool; `None` (and a warning) if it could
+/// not finish, such as when it panicked.
+async fn off_the_worker<T, F>(request_id: &str, work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Some(result),
+        Err(err) => {
+            tracing::warn!(
+                request.id = %request_id,
+                error = %err,
+                "reshaping did not finish; passing the body unchanged",
+            );
+            None
+        }
+    }
+}
+
 /// Reshapes a whole body; `None` when it must pass unchanged (not JSON,
-/// larger than the limit, undecodable), which is logged and counted.
+/// larger than the limit before or after reshaping, undecodable), which is
+/// logged and counted. CPU-bound: async callers use
+/// [`reshape_body_blocking`].
 pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8>> {
     if body.len() as u64 > plan.max_body_bytes {
         Counter::PassedTooLarge.inc();
@@ -226,8 +274,20 @@ pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8
     };
 
     let json = decoded.as_deref().unwrap_or(body);
-    let reshaped = match reshape::apply_to_bytes(&plan.steps, json) {
+    let max_output = plan.max_output_bytes();
+    let reshaped = match reshape::apply_to_bytes(&plan.steps, json, max_output) {
         Ok(reshaped) => reshaped,
+        Err(err @ reshape::BodyError::TooLarge(_)) => {
+            // A `flatten` of long keys over many leaves, or defaults filled
+            // into many elements: the result would not fit Envoy's buffer.
+            Counter::PassedTooLarge.inc();
+            tracing::info!(
+                request.id = %request_id,
+                error = %err,
+                "reshaped body would be too large; passing the original unchanged",
+            );
+            return None;
+        }
         Err(err) => {
             Counter::PassedNotJson.inc();
             tracing::info!(
@@ -253,6 +313,16 @@ pub fn reshape_body(plan: &Plan, body: &[u8], request_id: &str) -> Option<Vec<u8
             }
         },
     };
+    // gzip can add a few bytes to data that does not compress.
+    if encoded.len() as u64 > max_output {
+        Counter::PassedTooLarge.inc();
+        tracing::info!(
+            request.id = %request_id,
+            body.bytes = encoded.len(),
+            "reshaped body would be too large; passing the original unchanged",
+        );
+        return None;
+    }
     Counter::Reshaped.inc();
     Some(encoded)
 }
@@ -272,7 +342,33 @@ fn is_json(content_type: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_json;
+    use std::sync::Mutex;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// Tests that read counters hold this, so their deltas are their own.
+    static COUNTERS: Mutex<()> = Mutex::new(());
+
+    fn plan(steps: &str, max_body_bytes: u64) -> Plan {
+        Plan {
+            steps: serde_json::from_str(steps).expect("test steps deserialize"),
+            encoding: Encoding::Identity,
+            unknown_length: false,
+            max_body_bytes,
+        }
+    }
+
+    /// How much `counter` grew while `f` ran.
+    fn counted<T>(counter: Counter, f: impl FnOnce() -> T) -> (T, u64) {
+        let _serial = COUNTERS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = counter.get();
+        let result = f();
+        (result, counter.get() - before)
+    }
 
     #[test]
     fn recognises_json_media_types() {
@@ -282,5 +378,64 @@ mod tests {
         assert!(!is_json("text/json-ish"));
         assert!(!is_json("application/octet-stream"));
         assert!(!is_json(""));
+    }
+
+    #[test]
+    fn a_result_past_the_output_limit_passes_unchanged_and_is_counted() {
+        // 100 empty elements (about 300 bytes) each get a 50-byte default:
+        // over 6 KB out, for a limit of 1000 bytes in and 2000 out.
+        let items: Vec<Value> = (0..100).map(|_| json!({})).collect();
+        let body = serde_json::to_vec(&json!({ "items": items })).expect("json");
+        let grows = format!(
+            r#"[{{"defaults": {{"items[].pad": "{}"}}}}]"#,
+            "x".repeat(50)
+        );
+        assert!(body.len() < 1000);
+
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 1000), &body, "r-1")
+        });
+        assert_eq!(out, None);
+        assert_eq!(passed, 1);
+
+        // The same body under a limit its result fits is reshaped.
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 4000), &body, "r-2")
+        });
+        assert!(out.is_some_and(|out| out.len() > 6000 && out.len() <= 8000));
+        assert_eq!(passed, 0);
+    }
+
+    #[test]
+    fn a_hostile_flatten_passes_unchanged_and_is_counted() {
+        let leaves: serde_json::Map<String, Value> =
+            (0..20_000).map(|i| (format!("k{i}"), json!(0))).collect();
+        let mut hostile = serde_json::Map::new();
+        hostile.insert("p".repeat(200_000), Value::Object(leaves));
+        let body = serde_json::to_vec(&hostile).expect("json");
+
+        let flatten = plan(r#"[{"flatten": {}}]"#, 1024 * 1024);
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&flatten, &body, "r-3")
+        });
+        assert_eq!(out, None);
+        assert_eq!(passed, 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reshaping_runs_off_the_calling_thread() {
+        let caller = std::thread::current().id();
+        let worker = off_the_worker("r-4", || std::thread::current().id()).await;
+        assert!(worker.is_some_and(|worker| worker != caller));
+
+        let keep = plan(r#"[{"keep": ["id"]}]"#, 1024);
+        let out = reshape_body_blocking(keep, br#"{"id":1,"x":2}"#.to_vec(), "r-5".into()).await;
+        assert_eq!(out.as_deref(), Some(&br#"{"id":1}"#[..]));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn work_that_panics_passes_the_body_unchanged() {
+        let out: Option<Vec<u8>> = off_the_worker("r-6", || panic!("a bug in a step")).await;
+        assert_eq!(out, None);
     }
 }

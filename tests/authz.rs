@@ -232,6 +232,11 @@ async fn query_tokens_work_when_enabled_and_the_size_limit_is_configurable() {
     )
     .await;
     assert_eq!(checked.status, 200, "{}", checked.body);
+    assert_eq!(
+        checked.removed_query,
+        ["access_token"],
+        "the token is cut from the path the service gets"
+    );
 
     let mut big = claims("vehicles:read");
     big["pad"] = json!("x".repeat(4096));

@@ -6,11 +6,14 @@
 
 mod support;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
+use gatehouse::config::Config;
+use gatehouse::decision::IDENTITY_HEADERS;
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::{MOBILE, PARTNER, Stack, WEB};
+use support::{MOBILE, PARTNER, RawResponse, Stack, WEB};
 
 fn stack() -> &'static Stack {
     static STACK: OnceLock<Stack> = OnceLock::new();
@@ -109,6 +112,44 @@ async fn tampered_signature_is_refused() {
     assert_eq!(body["error"], "invalid_token");
 }
 
+/// A GET through Envoy exactly as written: reqwest would resolve `..` and
+/// `//` itself, so Envoy's normalisation would never be exercised.
+fn raw(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> RawResponse {
+    let auth = token.map(|token| format!("Bearer {token}"));
+    let mut headers = extra.to_vec();
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+
+    support::raw_get(stack().envoy_ports.listener, path, &headers)
+        .unwrap_or_else(|| panic!("envoy closed the connection without answering {path}"))
+}
+
+/// The upstream request that carried `x-test-marker: marker`, if any.
+async fn seen_with_marker(port: u16, marker: &str) -> Option<Value> {
+    let seen = support::upstream_requests(port).await;
+    seen.into_iter()
+        .rev()
+        .find(|r| r["headers"]["x-test-marker"] == marker)
+}
+
+/// Gatehouse's own 404 (Check matched no route). Envoy's catch-all route
+/// answers `{"error":"not_found"}` too, but only Gatehouse's names the
+/// request and says why.
+fn assert_gatehouse_not_found(response: &RawResponse, path: &str) {
+    assert_eq!(response.status, 404, "{path}: {response:?}");
+    let body = response
+        .json()
+        .unwrap_or_else(|| panic!("{path}: a JSON body: {response:?}"));
+    assert_eq!(body["error"], "not_found", "{path}: {body}");
+    let request_id = body["request_id"].as_str().unwrap_or_default();
+    assert!(
+        !request_id.is_empty(),
+        "{path}: not Gatehouse's 404: {body}"
+    );
+    assert!(body["error_description"].is_string(), "{path}: {body}");
+}
+
 #[tokio::test]
 async fn spoofed_identity_headers_never_reach_the_upstream() {
     let token = token(WEB).await;
@@ -135,28 +176,29 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
         .expect("request");
     assert_eq!(response.status(), StatusCode::OK);
 
-    // Underscored variants are refused by Envoy outright: a 400, or on
-    // HTTP/1.1 a closed connection, and never a forwarded request.
-    let response = client()
-        .get(stack().url("/stations/status"))
-        .header("x_gatehouse_client_id", "admin")
-        .send()
-        .await;
-    if let Ok(response) = response {
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Underscored variants are refused by Envoy outright, on protected and
+    // public routes alike, so an upstream that folds `_` into `-` never
+    // sees one.
+    for (path, token) in [
+        ("/vehicles/v-1", Some(token.as_str())),
+        ("/stations/status", None),
+    ] {
+        let marker = format!("underscore {path}");
+        let headers = [
+            ("x_gatehouse_client_id", "admin"),
+            ("x-test-marker", marker.as_str()),
+        ];
+        let response = raw(path, token, &headers);
+        assert_eq!(response.status, 400, "{path}: {response:?}");
     }
 
-    let vehicles = support::upstream_requests(stack().vehicles_port).await;
-    let protected = vehicles
-        .iter()
-        .find(|r| r["headers"]["x-test-marker"] == "spoof-protected")
+    let protected = seen_with_marker(stack().vehicles_port, "spoof-protected")
+        .await
         .expect("protected request seen");
     assert_eq!(protected["headers"]["x-gatehouse-client-id"], "demo-web");
 
-    let stations = support::upstream_requests(stack().stations_port).await;
-    let public = stations
-        .iter()
-        .find(|r| r["headers"]["x-test-marker"] == "spoof-public")
+    let public = seen_with_marker(stack().stations_port, "spoof-public")
+        .await
         .expect("public request seen");
     assert!(
         public["headers"].get("x-gatehouse-client-id").is_none(),
@@ -166,10 +208,62 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
         public["headers"].get("x-gatehouse-subject").is_none(),
         "{public}"
     );
-    assert!(
-        stations
-            .iter()
-            .all(|r| r["headers"].get("x_gatehouse_client_id").is_none())
+
+    for port in [stack().vehicles_port, stack().stations_port] {
+        let seen = support::upstream_requests(port).await;
+        assert!(
+            seen.iter()
+                .all(|r| r["headers"].get("x_gatehouse_client_id").is_none()
+                    && !r["headers"]["x-test-marker"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("underscore"))),
+            "an underscored header reached port {port}"
+        );
+    }
+}
+
+/// Check removes the identity headers from what it allows, so the e2e test
+/// above passes even without Envoy's removal. Envoy's own list is what
+/// protects routes Check does not allow through and every later filter, so
+/// it must name exactly Gatehouse's reserved names and forwarded headers.
+#[test]
+fn envoy_removes_exactly_the_identity_headers_gatehouse_reserves() {
+    let text = std::fs::read_to_string(support::root().join("envoy/envoy.yaml"))
+        .expect("read envoy/envoy.yaml");
+    let envoy: Value = serde_saphyr::from_str(&text).expect("envoy.yaml parses");
+    let filters = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"];
+    let filters = filters.as_array().expect("the listener's http_filters");
+    let mutation = filters
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.header_mutation")
+        .expect("a header_mutation filter");
+    let first = filters.first().expect("a first filter");
+    assert_eq!(first, mutation, "the removal runs before any other filter");
+
+    let mutations = mutation["typed_config"]["mutations"]["request_mutations"]
+        .as_array()
+        .expect("request_mutations");
+    let removed: BTreeSet<&str> = mutations
+        .iter()
+        .filter_map(|m| m["remove"].as_str())
+        .collect();
+
+    let config = Config::from_yaml(
+        &support::root().join("config/gatehouse.yaml"),
+        &std::fs::read_to_string(support::root().join("config/gatehouse.yaml"))
+            .expect("read config/gatehouse.yaml"),
+        HashMap::new(),
+    )
+    .expect("the shipped config loads");
+    let reserved: BTreeSet<&str> = IDENTITY_HEADERS
+        .into_iter()
+        .chain(config.tokens.forward.names())
+        .collect();
+
+    assert_eq!(
+        removed, reserved,
+        "envoy/envoy.yaml header_mutation drifted"
     );
 }
 
@@ -177,32 +271,56 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
 async fn paths_get_the_decision_of_the_route_envoy_serves() {
     let token = token(WEB).await;
 
-    // Normalised by Envoy to /vehicles and /vehicles/v-1: the vehicles route.
-    assert_eq!(
-        get("//vehicles", Some(&token)).await.status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        get("/stations/../vehicles/v-1", Some(&token))
-            .await
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        get("//vehicles", None).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    // Merged by Envoy to /vehicles: the vehicles route, with its decision
+    // (401 without a token) and its service, which sees the clean path.
+    let marker = [("x-test-marker", "path-merged")];
+    let response = raw("//vehicles", Some(&token), &marker);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json().expect("json")["count"], 3);
+    let seen = seen_with_marker(stack().vehicles_port, "path-merged")
+        .await
+        .expect("the vehicles service saw it");
+    assert_eq!(seen["path"], "/vehicles");
 
-    // Not the vehicles route, and no other route: denied.
-    for path in ["/vehicles/../admin", "/vehiclesX", "/VEHICLES", "/admin"] {
-        let response = get(path, Some(&token)).await;
-        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+    let response = raw("//vehicles", None, &[]);
+    assert_eq!(response.status, 401, "{response:?}");
+    assert_eq!(response.json().expect("json")["error"], "missing_token");
+
+    // Dot segments resolved by Envoy: from stations into vehicles.
+    let response = raw("/stations/../vehicles/v-1", Some(&token), &[]);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json().expect("json")["id"], "v-1");
+
+    // Out of the vehicles route (also when the dots are percent-encoded),
+    // and into no other route, or into none at all: Gatehouse denies them.
+    for path in [
+        "/vehicles/../admin",
+        "/vehicles/%2e%2e/admin",
+        "/vehicles/%2E%2E/admin",
+        "/vehiclesX",
+        "/VEHICLES",
+        "/admin",
+    ] {
+        let response = raw(path, Some(&token), &[]);
+        assert_gatehouse_not_found(&response, path);
     }
 
-    // Escaped slashes are refused before anything else.
-    assert_eq!(
-        get("/vehicles%2Fv-1", Some(&token)).await.status(),
-        StatusCode::BAD_REQUEST
+    // Escaped slashes are refused by Envoy before any filter runs.
+    for path in ["/vehicles%2Fv-1", "/vehicles%2fv-1"] {
+        let marker = [("x-test-marker", "escaped-slash")];
+        let response = raw(path, Some(&token), &marker);
+        assert_eq!(response.status, 400, "{path}: {response:?}");
+        let body = response.json();
+        assert!(
+            body.is_none_or(|body| body.get("request_id").is_none()),
+            "{path}: Envoy, not Gatehouse, refuses it"
+        );
+    }
+    assert!(
+        seen_with_marker(stack().vehicles_port, "escaped-slash")
+            .await
+            .is_none(),
+        "an escaped slash reached the vehicles service"
     );
 }
 

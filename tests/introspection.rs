@@ -4,7 +4,9 @@
 //! that takes both kinds.
 //!
 //! The tests share one stack and change the provider's settings, so they
-//! take turns.
+//! take turns. The caching and failure tests run against a Gatehouse of
+//! their own (no Envoy), with short cache lifetimes and calls counted at the
+//! provider.
 
 mod support;
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::forge::{self, OPAQUE_RESOURCE};
+use support::forge::{self, Checked, Gate, OPAQUE_RESOURCE};
 use support::{MOBILE, PARTNER, Stack, WEB};
 use tokio::sync::Mutex;
 
@@ -232,4 +234,212 @@ async fn a_route_takes_the_kinds_it_lists() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let (_, description) = error_of(response).await;
     assert!(description.contains("not active"), "{description}");
+}
+
+// === caching and failures, against a Gatehouse of their own ===
+
+/// How long this Gatehouse reuses an active verdict, whatever the token's
+/// `exp` (600 s at the provider).
+const ACTIVE_CACHE: Duration = Duration::from_secs(3);
+
+/// How long it reuses an inactive one.
+const INACTIVE_CACHE: Duration = Duration::from_secs(2);
+
+/// A Gatehouse that introspects at `endpoint` (`${GATEHOUSE_ISSUER}` names
+/// the provider) on a route that takes only opaque tokens, unlimited.
+fn gate_config(endpoint: &str) -> String {
+    format!(
+        "
+server:
+  listen: ${{GATEHOUSE_LISTEN}}
+  admin_listen: ${{GATEHOUSE_ADMIN_LISTEN}}
+  drain_seconds: 1
+provider:
+  issuer: ${{GATEHOUSE_ISSUER}}
+  audiences: [{api}]
+  introspection:
+    endpoint: {endpoint}
+    client_id: {id}
+    client_secret: {secret}
+    audiences: [{OPAQUE_RESOURCE}]
+    cache_seconds: {active}
+    inactive_cache_seconds: {inactive}
+routes:
+  - name: stations
+    prefix: /stations
+    tokens: [opaque]
+",
+        api = support::API_RESOURCE,
+        id = INTROSPECTOR.0,
+        secret = INTROSPECTOR.1,
+        active = ACTIVE_CACHE.as_secs(),
+        inactive = INACTIVE_CACHE.as_secs(),
+    )
+}
+
+/// The Gatehouse and provider the caching tests share.
+fn gate() -> &'static Gate {
+    static GATE: OnceLock<Gate> = OnceLock::new();
+    GATE.get_or_init(|| {
+        Gate::start(
+            &gate_config("${GATEHOUSE_ISSUER}/token/introspection"),
+            true,
+        )
+    })
+}
+
+/// One caching test at a time: each counts the provider's calls.
+static GATE_TURN: Mutex<()> = Mutex::const_new(());
+
+async fn gate_opaque(client: (&str, &str)) -> String {
+    forge::token_for(
+        gate().provider_port,
+        client,
+        "stations:read",
+        OPAQUE_RESOURCE,
+    )
+    .await
+}
+
+async fn gate_introspections() -> u64 {
+    forge::provider_stats(gate().provider_port).await["introspection"]
+        .as_u64()
+        .expect("an introspection count")
+}
+
+/// Sends `token` to Check `times` times, each answered `status`; returns
+/// when the first was sent.
+async fn check_times(token: &str, times: usize, status: u16) -> Instant {
+    let started = Instant::now();
+    for _ in 0..times {
+        let checked = gate().check("/stations", token).await;
+        assert_eq!(checked.status, status, "{}", checked.body);
+    }
+    started
+}
+
+/// Fails loudly when the requests meant to fall inside a cache lifetime took
+/// longer than it, rather than letting a slow machine prove nothing.
+fn assert_within(started: Instant, lifetime: Duration) {
+    let took = started.elapsed();
+    assert!(
+        took < lifetime,
+        "the requests took {took:?}, longer than the {lifetime:?} cache they test"
+    );
+}
+
+fn assert_unavailable(checked: &Checked) {
+    assert_eq!(checked.status, 503, "{}", checked.body);
+    assert_eq!(
+        checked.headers.get("retry-after").map(String::as_str),
+        Some("1")
+    );
+    let body: Value = serde_json::from_str(&checked.body).expect("a JSON body");
+    assert_eq!(body["error"], "temporarily_unavailable");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|text| text.contains("introspection")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_active_token_is_asked_once_for_many_requests() {
+    let _turn = GATE_TURN.lock().await;
+    let token = gate_opaque(PARTNER).await;
+    let before = gate_introspections().await;
+
+    let started = check_times(&token, 6, 200).await;
+
+    assert_within(started, ACTIVE_CACHE);
+    assert_eq!(
+        gate_introspections().await - before,
+        1,
+        "one call, six requests"
+    );
+}
+
+#[tokio::test]
+async fn an_inactive_verdict_is_reused_for_its_lifetime_then_asked_again() {
+    let _turn = GATE_TURN.lock().await;
+    let token = gate_opaque(WEB).await;
+    forge::revoke(gate().provider_port, WEB, &token).await;
+    let before = gate_introspections().await;
+
+    let started = check_times(&token, 4, 401).await;
+    assert_within(started, INACTIVE_CACHE);
+    assert_eq!(
+        gate_introspections().await - before,
+        1,
+        "the verdict is reused"
+    );
+
+    // Past inactive_cache_seconds the provider is asked again.
+    tokio::time::sleep(INACTIVE_CACHE + Duration::from_millis(500)).await;
+    check_times(&token, 2, 401).await;
+    assert_eq!(gate_introspections().await - before, 2, "asked again, once");
+}
+
+#[tokio::test]
+async fn cache_seconds_caps_an_active_verdict_whose_exp_is_far_away() {
+    let _turn = GATE_TURN.lock().await;
+    let token = gate_opaque(MOBILE).await;
+    let before = gate_introspections().await;
+
+    let started = check_times(&token, 3, 200).await;
+    assert_within(started, ACTIVE_CACHE);
+    assert_eq!(gate_introspections().await - before, 1);
+
+    // The token is good for ten minutes, but the verdict only for
+    // cache_seconds: then the provider is asked again (a revocation would
+    // show now).
+    tokio::time::sleep(ACTIVE_CACHE + Duration::from_millis(500)).await;
+    check_times(&token, 2, 200).await;
+    assert_eq!(gate_introspections().await - before, 2, "asked again, once");
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_500_gets_a_503_and_is_not_cached() {
+    let _turn = GATE_TURN.lock().await;
+    let token = gate_opaque(INTROSPECTOR).await;
+    let port = gate().provider_port;
+    let before = gate_introspections().await;
+
+    forge::provider_control(port, "/__introspection_status?code=500").await;
+    let checked = gate().check("/stations", &token).await;
+    forge::provider_control(port, "/__introspection_status?code=0").await;
+
+    assert_unavailable(&checked);
+    assert_eq!(gate_introspections().await - before, 1, "the call was made");
+
+    // The failure was not cached: the next request asks again, and passes.
+    let checked = gate().check("/stations", &token).await;
+    assert_eq!(checked.status, 200, "{}", checked.body);
+    assert_eq!(gate_introspections().await - before, 2);
+}
+
+#[tokio::test]
+async fn an_endpoint_refusing_connections_gets_a_503() {
+    // Nothing listens on a port that was just free.
+    let closed = support::free_port();
+    let gate = Gate::start(
+        &gate_config(&format!("http://127.0.0.1:{closed}/token/introspection")),
+        true,
+    );
+    let token = forge::token_for(
+        gate.provider_port,
+        PARTNER,
+        "stations:read",
+        OPAQUE_RESOURCE,
+    )
+    .await;
+
+    let checked = gate.check("/stations", &token).await;
+
+    assert_unavailable(&checked);
+    assert!(
+        gate.gatehouse.log().contains("introspection failed"),
+        "the failure is logged"
+    );
 }

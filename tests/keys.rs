@@ -57,6 +57,17 @@ async fn jwks_fetches(gate: &Gate) -> u64 {
         .expect("a jwks count")
 }
 
+/// Gatehouse's verified-token cache counts so far: (hits, misses).
+async fn cache_counts(gate: &Gate) -> (u64, u64) {
+    let counters = forge::gatehouse_counters(gate.ports.admin).await;
+    let count = |name: &str| {
+        *counters
+            .get(name)
+            .unwrap_or_else(|| panic!("gatehouse reports {name}"))
+    };
+    (count("token_cache_hits"), count("token_cache_misses"))
+}
+
 async fn health(gate: &Gate) -> Option<i32> {
     let url = format!("http://127.0.0.1:{}", gate.ports.grpc);
     let channel = tonic::transport::Channel::from_shared(url)
@@ -115,12 +126,35 @@ async fn rotation_accepts_the_new_key_after_one_refetch_and_keeps_the_old() {
 }
 
 #[tokio::test]
+async fn repeated_requests_with_one_token_verify_its_signature_once() {
+    let gate = Gate::start(&config(300, 10), true);
+    wait_for_health(&gate, ServingStatus::Serving).await;
+    let token = jwt(&gate).await;
+    let (hits, misses) = cache_counts(&gate).await;
+
+    for _ in 0..5 {
+        let checked = gate.check("/vehicles", &token).await;
+        assert_eq!(checked.status, 200, "{}", checked.body);
+    }
+
+    let (new_hits, new_misses) = cache_counts(&gate).await;
+    assert_eq!(new_misses - misses, 1, "verified on the first request only");
+    assert_eq!(new_hits - hits, 4, "the other four came from the cache");
+}
+
+#[tokio::test]
 async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
     let mut gate = Gate::start(&config(1, 10), true);
     wait_for_health(&gate, ServingStatus::Serving).await;
     let token = jwt(&gate).await;
     assert_eq!(gate.check("/vehicles", &token).await.status, 200);
-    assert_eq!(gate.check("/vehicles", &token).await.status, 200, "cached");
+    let (hits, _) = cache_counts(&gate).await;
+    assert_eq!(gate.check("/vehicles", &token).await.status, 200);
+
+    // The token is cached now, so its refusal below proves that the cached
+    // entry was dropped, not merely that a fresh check fails.
+    let (cached_hits, misses) = cache_counts(&gate).await;
+    assert_eq!(cached_hits - hits, 1, "the second request was a cache hit");
 
     // The provider now publishes only a new key.
     forge::write_key_file(&gate.keys, &[forge::new_private_jwk()]);
@@ -132,6 +166,8 @@ async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
         "{}",
         checked.body
     );
+    let (_, after) = cache_counts(&gate).await;
+    assert!(after > misses, "the refused token was checked afresh");
 
     let new_token = jwt(&gate).await;
     assert_eq!(gate.check("/vehicles", &new_token).await.status, 200);
@@ -139,7 +175,7 @@ async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
 
 #[tokio::test]
 async fn with_the_provider_stopped_cached_keys_serve_and_unknown_kids_fail_cleanly() {
-    let mut gate = Gate::start(&config(1, 0), true);
+    let mut gate = Gate::start(&config(1, 1), true);
     wait_for_health(&gate, ServingStatus::Serving).await;
     let key = forge::provider_keys(&gate.keys).remove(0);
     let seen = jwt(&gate).await;
@@ -236,11 +272,11 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
     assert_eq!(gate.check("/vehicles", &token).await.status, 200);
 }
 
-/// JWKS fetches in a few seconds by a Gatehouse whose provider says
-/// `max-age=1`, with the given bounds.
-async fn fetches_with_max_age_1(min_refresh: u64, max_refresh: u64) -> u64 {
+/// JWKS fetches in 4 seconds by a Gatehouse whose provider says
+/// `max-age=<max_age>`, with the given bounds.
+async fn fetches_with_max_age(max_age: u64, min_refresh: u64, max_refresh: u64) -> u64 {
     let mut gate = Gate::start(&config_bounded(300, min_refresh, max_refresh, 60), false);
-    gate.start_provider_with_max_age(1);
+    gate.start_provider_with_max_age(max_age);
     wait_for_health(&gate, ServingStatus::Serving).await;
 
     let before = jwks_fetches(&gate).await;
@@ -251,9 +287,16 @@ async fn fetches_with_max_age_1(min_refresh: u64, max_refresh: u64) -> u64 {
 #[tokio::test]
 async fn the_refresh_follows_max_age_within_the_bounds() {
     // refresh_seconds alone would mean no fetch at all in these seconds.
-    let honoured = fetches_with_max_age_1(1, 300).await;
+    let honoured = fetches_with_max_age(1, 1, 300).await;
     assert!(honoured >= 2, "max-age=1 gave {honoured} fetches in 4 s");
 
-    let bounded = fetches_with_max_age_1(60, 300).await;
+    let bounded = fetches_with_max_age(1, 60, 300).await;
     assert_eq!(bounded, 0, "min_refresh_seconds holds against max-age");
+
+    // An hour's max-age, capped at one second: several fetches in 4 s.
+    let capped = fetches_with_max_age(3600, 1, 1).await;
+    assert!(
+        capped >= 2,
+        "max_refresh_seconds=1 gave {capped} fetches in 4 s"
+    );
 }

@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use gatehouse::grpc::pb::admin_client::AdminClient;
 use gatehouse::grpc::pb::{GetConfigVersionRequest, ReloadRequest};
-use support::{GatehousePorts, free_port};
+use support::forge::{self, OPAQUE_RESOURCE};
+use support::{GatehousePorts, WEB, free_port};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -122,18 +123,31 @@ fn check_config_reports_every_broken_reference() {
         .replace("    rate_limit: stations", "    rate_limit: nope")
         .replace("    profile: partner", "    profile: tablet");
     let path = write(dir.path(), "refs.yaml", &text);
+    let line_of = |needle: &str| {
+        let index = text.lines().position(|l| l.ends_with(needle));
+        index.expect("the replaced line") + 1
+    };
 
     let (ok, output) = check_config(&path, &[]);
 
     assert!(!ok);
-    assert!(
-        output.contains("routes[3].rate_limit: no rate limit named \"nope\""),
-        "{output}"
-    );
-    assert!(
-        output.contains("clients.demo-partner.profile: no profile named \"tablet\""),
-        "{output}"
-    );
+    let file = path.display();
+    let expected = [
+        format!(
+            "{file}:{}: routes[3].rate_limit: no rate limit named \"nope\"",
+            line_of("rate_limit: nope")
+        ),
+        format!(
+            "{file}:{}: clients.demo-partner.profile: no profile named \"tablet\"",
+            line_of("profile: tablet")
+        ),
+    ];
+    for line in expected {
+        assert!(
+            output.lines().any(|l| l == line),
+            "expected {line:?} in:\n{output}"
+        );
+    }
 }
 
 #[test]
@@ -157,17 +171,53 @@ fn variables_are_expanded_and_unset_ones_without_default_fail() {
     );
 }
 
+#[test]
+fn check_config_refuses_a_quoted_reference_instead_of_keeping_its_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let written =
+        "    client_secret: ${GATEHOUSE_INTROSPECTION_SECRET:-gatehouse-introspection-secret}";
+    let quoted = "    client_secret: \"${GATEHOUSE_INTROSPECTION_SECRET}\"";
+    let text = shipped_config().replace(written, quoted);
+    assert_ne!(text, shipped_config());
+    let path = write(dir.path(), "quoted.yaml", &text);
+    let line = text
+        .lines()
+        .position(|l| l == quoted)
+        .expect("the quoted line")
+        + 1;
+
+    let secret = ("GATEHOUSE_INTROSPECTION_SECRET", "s3cret");
+    let (ok, output) = check_config(&path, &[secret]);
+
+    assert!(!ok, "a quoted reference must fail:\n{output}");
+    let expected = format!(
+        "{}:{line}: provider.introspection.client_secret: `${{` is not expanded",
+        path.display()
+    );
+    assert!(
+        output.starts_with(&expected),
+        "expected {expected:?} in:\n{output}"
+    );
+}
+
 /// A Gatehouse on free ports with the shipped config, a real provider and
 /// the given environment on top.
 struct Running {
     gatehouse: support::Proc,
     ports: GatehousePorts,
+    provider_port: u16,
     _provider: support::Proc,
     _redis: support::Proc,
     dir: tempfile::TempDir,
 }
 
 fn start(config_text: &str, direct: bool) -> Running {
+    start_with(config_text, direct, &[])
+}
+
+/// As [`start`], with `overrides` replacing variables of the usual
+/// environment.
+fn start_with(config_text: &str, direct: bool, overrides: &[(&str, &str)]) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let (redis, redis_port) = support::redis(dir.path());
     let (provider, provider_port) =
@@ -178,12 +228,17 @@ fn start(config_text: &str, direct: bool) -> Running {
         grpc: free_port(),
         admin: free_port(),
     };
-    let env = support::gatehouse_env(ports, provider_port, redis_port);
+    let mut env = support::gatehouse_env(ports, provider_port, redis_port);
+    for (name, value) in overrides {
+        let slot = env.iter_mut().find(|(key, _)| key == name);
+        slot.expect("a variable of the usual environment").1 = (*value).to_owned();
+    }
     let (gatehouse, ports) = support::gatehouse(dir.path(), &config, &env, direct);
 
     Running {
         gatehouse,
         ports,
+        provider_port,
         _provider: provider,
         _redis: redis,
         dir,
@@ -218,11 +273,20 @@ async fn wait_for_health(port: u16, want: ServingStatus) {
 }
 
 fn check_request(path: &str) -> CheckRequest {
+    check_request_with(path, &[])
+}
+
+fn check_request_with(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    let mut headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    headers.insert("x-request-id".to_owned(), "test-1".to_owned());
     let http = attribute_context::HttpRequest {
         id: "test-1".to_owned(),
         method: "GET".to_owned(),
         path: path.to_owned(),
-        headers: HashMap::from([("x-request-id".to_owned(), "test-1".to_owned())]),
+        headers,
         ..Default::default()
     };
     let source = attribute_context::Peer {
@@ -257,8 +321,13 @@ async fn check_status(port: u16, path: &str) -> Result<i32, tonic::Status> {
 
 #[tokio::test]
 async fn reload_swaps_a_valid_file_and_refuses_a_broken_one() {
-    let running = start(&shipped_config(), false);
+    let mut running = start(&shipped_config(), false);
     let config = running.dir.path().join("gatehouse.yaml");
+    running
+        .gatehouse
+        .wait_for_log("rate limits are kept in redis");
+    let log = running.gatehouse.log();
+    assert!(!log.contains("kept in memory"), "{log}");
     let mut admin = AdminClient::connect(format!("http://127.0.0.1:{}", running.ports.admin))
         .await
         .expect("admin API");
@@ -271,7 +340,8 @@ async fn reload_swaps_a_valid_file_and_refuses_a_broken_one() {
     assert_eq!(before.path, config.display().to_string());
 
     // A public route for /stations/status is in the shipped file; without it
-    // the same Check is refused with 404, which shows the swap took effect.
+    // the path falls to the protected /stations route, so the same Check
+    // without a token gets 401, which shows the swap took effect.
     assert_eq!(
         check_status(running.ports.grpc, "/stations/status")
             .await
@@ -290,12 +360,8 @@ async fn reload_swaps_a_valid_file_and_refuses_a_broken_one() {
     assert!(reloaded.changed);
     let current = reloaded.current.expect("current version");
     assert_ne!(current.version, before.version);
-    assert_ne!(
-        check_status(running.ports.grpc, "/stations/status")
-            .await
-            .expect("check"),
-        0
-    );
+    let checked = forge::check(running.ports.grpc, "GET", "/stations/status", &[]).await;
+    assert_eq!(checked.status, 401, "{}", checked.body);
 
     std::fs::write(&config, "routes: [\n").expect("break config");
     let refused = admin
@@ -321,12 +387,65 @@ async fn reload_swaps_a_valid_file_and_refuses_a_broken_one() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_then_exits_cleanly() {
-    let mut running = start(&shipped_config(), true);
+async fn without_redis_the_log_says_limits_are_kept_in_memory() {
+    let redis_section = "redis:\n  url: ${REDIS_URL:-redis://127.0.0.1:6379}\n  timeout_ms: 20\n  key_prefix: gatehouse\n\n";
+    let config = shipped_config().replace(redis_section, "");
+    assert_ne!(
+        config,
+        shipped_config(),
+        "the shipped file has a redis section"
+    );
+    let mut running = start(&config, false);
+
+    running
+        .gatehouse
+        .wait_for_log("no redis configured: rate limits are kept in memory");
+    let log = running.gatehouse.log();
+    assert!(!log.contains("kept in redis"), "{log}");
+
+    // The public route's limit is counted, in memory, and the Check passes.
+    let status = check_status(running.ports.grpc, "/stations/status")
+        .await
+        .expect("check");
+    assert_eq!(status, 0);
+}
+
+/// The drain period of the drain tests: long enough to tell an exit at its
+/// end from one at the signal.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// How slow the provider's introspection answers during the drain tests,
+/// inside the 800 ms introspection budget they configure.
+const SLOW_INTROSPECTION: Duration = Duration::from_millis(600);
+
+/// Signals Gatehouse with `signal`, then checks the whole drain: health
+/// NOT_SERVING at once, Checks answered meanwhile, a Check started just
+/// before the drain ends answered after it, and exit 0 no earlier than the
+/// drain period.
+async fn drains_then_exits_cleanly(signal: &str) {
+    let config = shipped_config().replace(
+        "    timeout_ms: 300\n    cache_seconds: 60",
+        "    timeout_ms: 800\n    cache_seconds: 60",
+    );
+    assert_ne!(config, shipped_config(), "the introspection budget is set");
+    let drain = DRAIN.as_secs().to_string();
+    let mut running = start_with(&config, true, &[("GATEHOUSE_DRAIN_SECONDS", &drain)]);
     let port = running.ports.grpc;
     wait_for_health(port, ServingStatus::Serving).await;
 
-    running.gatehouse.terminate();
+    // An opaque token is introspected on first use, so its Check lasts as
+    // long as the provider takes to answer. The connection is opened now:
+    // a new one may be refused once the drain ends.
+    let token =
+        forge::token_for(running.provider_port, WEB, "stations:read", OPAQUE_RESOURCE).await;
+    let delay = format!("/__delay?ms={}", SLOW_INTROSPECTION.as_millis());
+    forge::provider_control(running.provider_port, &delay).await;
+    let mut slow_client = AuthorizationClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect for the slow check");
+
+    let signalled = Instant::now();
+    running.gatehouse.signal(signal);
 
     // NOT_SERVING at once, while requests are still answered.
     wait_for_health(port, ServingStatus::NotServing).await;
@@ -335,15 +454,55 @@ async fn sigterm_drains_then_exits_cleanly() {
         .expect("answered while draining");
     assert_eq!(status, 0);
 
-    // The drain period in the test environment is one second.
-    let exited = running.gatehouse.wait_exit(Duration::from_secs(15));
+    // Just before the drain ends, a Check that needs longer than is left.
+    let started = signalled + DRAIN - Duration::from_millis(400);
+    tokio::time::sleep_until(started.into()).await;
+    let auth = format!("Bearer {token}");
+    let request = check_request_with("/stations", &[("authorization", &auth)]);
+    let answer = slow_client
+        .check(request)
+        .await
+        .expect("the in-flight check is answered")
+        .into_inner();
+    let answered = signalled.elapsed();
+    assert!(
+        answered >= DRAIN,
+        "the slow check must still be in flight when the drain ends ({answered:?})"
+    );
+    let code = answer.status.as_ref().map(|status| status.code);
+    assert_eq!(code, Some(0), "the slow check is allowed: {answer:?}");
+
+    // Exit 0, not before the drain period, and without needing the grace
+    // period for unfinished calls.
+    let exited = running.gatehouse.wait_exit(Duration::from_secs(20));
+    let stopped = signalled.elapsed();
+    let log = running.gatehouse.log();
     assert_eq!(
         exited,
         Some(true),
-        "gatehouse must exit with status 0; log:\n{}",
-        running.gatehouse.log()
+        "gatehouse must exit with 0; log:\n{log}"
     );
-    assert!(running.gatehouse.log().contains("draining"));
+    assert!(
+        stopped >= DRAIN,
+        "exited {stopped:?} after the signal; log:\n{log}"
+    );
+    assert!(
+        stopped < DRAIN + Duration::from_secs(5),
+        "exited {stopped:?} after the signal; log:\n{log}"
+    );
+    assert!(log.contains("shutdown requested; draining"), "{log}");
+    assert!(log.contains("gatehouse stopped"), "{log}");
+    assert!(!log.contains("did not finish in time"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_cleanly() {
+    drains_then_exits_cleanly("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_drains_then_exits_cleanly() {
+    drains_then_exits_cleanly("INT").await;
 }
 
 #[test]

@@ -16,7 +16,7 @@ use gatehouse::grpc::pb::GetCountersRequest;
 use gatehouse::grpc::pb::admin_client::AdminClient;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{MOBILE, PARTNER, Stack, WEB};
+use support::{KIOSK, MOBILE, PARTNER, Stack, WEB};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// Appended to the profiles of `config/gatehouse.yaml`.
@@ -81,11 +81,22 @@ const OPERATION_PROFILES: &str = r#"
         - drop: [internal_notes, vin]
 "#;
 
-/// Put before the other routes: a composite with one slow part, and one
-/// that merges its parts' fields. The slow part's timeout is longer than
-/// Envoy's default message timeout (0.5 s), so the answer only arrives if
-/// Gatehouse's raise of that timeout works.
-const COMPOSITE_ROUTES: &str = r#"
+/// Put before the other routes: a composite with one part that times out,
+/// one whose slow part still arrives, and one that merges its parts'
+/// fields. The slow parts' timeouts are longer than Envoy's default message
+/// timeout (0.5 s), so their answers only arrive if Gatehouse's raise of
+/// that timeout works; the 1.3 s part shows that nothing else in Envoy's
+/// config cuts a composite short. Then a route that adds and removes
+/// request headers.
+const EXTRA_ROUTES: &str = r#"
+  - name: overview-slow
+    prefix: /overview/slow
+    methods: [GET]
+    scopes: [vehicles:read]
+    composite:
+      parts:
+        - {key: vehicles, path: /vehicles, timeout_ms: 1500}
+        - {key: stations, path: "/stations/slow?ms=1300", timeout_ms: 1500}
   - name: overview-degraded
     prefix: /overview/degraded
     methods: [GET]
@@ -103,7 +114,24 @@ const COMPOSITE_ROUTES: &str = r#"
       parts:
         - {key: vehicle, path: /vehicles/v-1}
         - {key: station, path: /stations/s-1}
+  - name: vehicle-status
+    prefix: /vehicles/status
+    methods: [GET]
+    scopes: [vehicles:read]
+    request_headers:
+      add:
+        x-caller: "{client_id}"
+        x-request-tag: "req-{request_id}"
+      remove: [x-debug-token]
 "#;
+
+/// Forwarded to the services besides the reserved identity names, so a
+/// test can see that composite parts get configured names too.
+const FORWARDED_CLAIM: &str = "    claims:\n      client_id: x-caller-client\n";
+
+/// The kiosk has an entry of its own (mobile), which its token's profile
+/// claim (partner) outranks.
+const KIOSK_CLIENT: &str = "  demo-kiosk:\n    profile: mobile\n";
 
 const OPERATIONS: [&str; 12] = [
     "op-keep",
@@ -122,7 +150,7 @@ const OPERATIONS: [&str; 12] = [
 
 struct Fixture {
     stack: Stack,
-    _config_dir: tempfile::TempDir,
+    _config_dir: support::Scratch,
 }
 
 fn stack() -> &'static Stack {
@@ -141,9 +169,20 @@ fn stack() -> &'static Stack {
                 "demo-web may pick the mobile profile"
             );
 
+            let scopes = "    scopes: x-gatehouse-scopes\n";
+            assert!(
+                base.contains(scopes),
+                "tokens.forward names the scopes header"
+            );
+            let limit = "  max_body_bytes: 1048576\n";
+            assert!(base.contains(limit), "the reshape limit is 1 MiB");
+
             let config = base
                 .replacen("\nclients:", &format!("{OPERATION_PROFILES}\nclients:"), 1)
-                .replacen("\nroutes:\n", &format!("\nroutes:{COMPOSITE_ROUTES}"), 1)
+                .replacen("\nclients:\n", &format!("\nclients:\n{KIOSK_CLIENT}"), 1)
+                .replacen("\nroutes:\n", &format!("\nroutes:{EXTRA_ROUTES}"), 1)
+                .replacen(scopes, &format!("{scopes}{FORWARDED_CLAIM}"), 1)
+                .replacen(limit, &format!("{limit}  profile_claim: app_profile\n"), 1)
                 .replacen(
                     allowed,
                     &format!(
@@ -152,7 +191,7 @@ fn stack() -> &'static Stack {
                     ),
                     1,
                 );
-            let dir = tempfile::tempdir().expect("temporary directory");
+            let dir = support::Scratch::new("reshape-config");
             let path = dir.path().join("gatehouse.yaml");
             std::fs::write(&path, config).expect("write the test config");
 
@@ -225,6 +264,16 @@ async fn direct(path: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
         headers,
         response.bytes().await.expect("direct body").to_vec(),
     )
+}
+
+/// The last request `path` (with its query) that the service on `port` saw.
+async fn last_request(port: u16, path: &str) -> Value {
+    support::upstream_requests(port)
+        .await
+        .into_iter()
+        .rev()
+        .find(|request| request["path"] == path)
+        .unwrap_or_else(|| panic!("{path} reached the service"))
 }
 
 async fn counters() -> std::collections::HashMap<String, u64> {
@@ -405,6 +454,58 @@ async fn services_see_the_request_id_route_and_profile() {
     assert_eq!(seen["headers"]["x-gatehouse-profile"], "mobile");
     assert_eq!(seen["headers"]["x-gatehouse-route"], "vehicles");
     assert!(seen["headers"]["x-request-id"].is_string(), "{seen}");
+}
+
+#[tokio::test]
+async fn a_route_adds_and_removes_request_headers() {
+    let _serial = serial().await;
+    let token = token(WEB).await;
+
+    let response = reqwest::Client::new()
+        .get(stack().url("/vehicles/status"))
+        .bearer_auth(&token)
+        .header("x-debug-token", "let-me-in")
+        .header("x-trace-note", "kept")
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = last_request(stack().vehicles_port, "/vehicles/status").await;
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-caller"], "demo-web", "{seen}");
+    let request_id = headers["x-request-id"].as_str().expect("a request id");
+    assert_eq!(headers["x-request-tag"], format!("req-{request_id}"));
+    assert!(headers.get("x-debug-token").is_none(), "removed: {seen}");
+    assert_eq!(
+        headers["x-trace-note"], "kept",
+        "other client headers pass: {seen}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_claim_chooses_the_profile_before_the_client_entry() {
+    let _serial = serial().await;
+    let kiosk = token(KIOSK).await;
+
+    // The kiosk's entry says mobile (ids, models and charge only); its
+    // token's claim says partner, which wins: camelCase, no personal data.
+    let body = json_as("/vehicles", &kiosk, None).await;
+    let first = &body["items"][0];
+    assert_eq!(first["updatedAt"], "2026-11-30T10:00:00Z", "{body}");
+    assert!(
+        first.get("owner").is_none() && first.get("vin").is_none(),
+        "{body}"
+    );
+
+    // The header cannot bring the entry's profile back: the claim's is the
+    // only one this client is allowed.
+    let response = get(reqwest::Method::GET, "/vehicles", &kiosk, Some("mobile")).await;
+    assert_eq!(header(&response, "vary"), None);
+    assert_eq!(checked_json(response).await, body);
+
+    let seen = last_request(stack().vehicles_port, "/vehicles").await;
+    assert_eq!(seen["headers"]["x-gatehouse-profile"], "partner", "{seen}");
 }
 
 // === sparse fieldsets ===
@@ -629,6 +730,36 @@ async fn compression_bombs_and_unknown_encodings_pass_unchanged() {
 }
 
 #[tokio::test]
+async fn a_known_length_body_over_the_limit_never_reaches_the_body_phase() {
+    let _serial = serial().await;
+    let mobile = token(MOBILE).await;
+
+    // 5 MiB of JSON with a content-length: refused from the headers alone.
+    let (headers, direct_big) = direct("/vehicles/big").await;
+    assert!(headers.get("content-length").is_some());
+    assert!(direct_big.len() as u64 > 1024 * 1024);
+
+    let messages = envoy_ext_proc_messages().await;
+    let counted = counters().await;
+    let response = get(reqwest::Method::GET, "/vehicles/big", &mobile, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(&response, "content-length"),
+        Some(direct_big.len().to_string())
+    );
+    let through = response.bytes().await.expect("body");
+    assert!(
+        through.as_ref() == direct_big.as_slice(),
+        "the body changed"
+    );
+
+    assert_eq!(counter_delta(&counted, "reshape_passed_too_large").await, 1);
+    assert_eq!(counter_delta(&counted, "reshape_skipped").await, 1);
+    assert_eq!(counter_delta(&counted, "reshape_buffered").await, 0);
+    assert_eq!(envoy_ext_proc_messages().await - messages, 1);
+}
+
+#[tokio::test]
 async fn chunked_upstream_responses_are_reshaped_or_pass_whole() {
     let _serial = serial().await;
     let mobile = token(MOBILE).await;
@@ -685,7 +816,16 @@ async fn a_composite_merges_both_services_for_the_caller_and_its_profile() {
     )
     .await;
 
-    let response = get(reqwest::Method::GET, "/overview", &token, None).await;
+    // A client's own copy of a forwarded name, and a header Check does not
+    // vouch for.
+    let response = reqwest::Client::new()
+        .get(stack().url("/overview"))
+        .bearer_auth(&token)
+        .header("x-caller-client", "forged")
+        .header("x-not-vouched", "1")
+        .send()
+        .await
+        .expect("request through envoy");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(header(&response, "x-gatehouse-partial"), None);
     let body = checked_json(response).await;
@@ -699,19 +839,21 @@ async fn a_composite_merges_both_services_for_the_caller_and_its_profile() {
     );
 
     // Both services saw who asked, under the same request id.
-    let vehicles = support::upstream_requests(stack().vehicles_port).await;
-    let stations = support::upstream_requests(stack().stations_port).await;
-    let last = |requests: &[Value], path: &str| {
-        requests
-            .iter()
-            .rev()
-            .find(|request| request["path"] == path)
-            .cloned()
-            .unwrap_or_else(|| panic!("{path} was fetched"))
-    };
-    let (vehicles, stations) = (last(&vehicles, "/vehicles"), last(&stations, "/stations"));
-    assert_eq!(vehicles["headers"]["x-gatehouse-client-id"], "demo-mobile");
-    assert_eq!(stations["headers"]["x-gatehouse-client-id"], "demo-mobile");
+    let vehicles = last_request(stack().vehicles_port, "/vehicles").await;
+    let stations = last_request(stack().stations_port, "/stations").await;
+    for seen in [&vehicles, &stations] {
+        let headers = &seen["headers"];
+        assert_eq!(headers["x-gatehouse-client-id"], "demo-mobile", "{seen}");
+        assert_eq!(headers["x-gatehouse-subject"], "demo-mobile", "{seen}");
+        assert_eq!(
+            headers["x-gatehouse-scopes"], "vehicles:read stations:read",
+            "{seen}"
+        );
+        // Configured in tokens.forward, not reserved: forwarded too, with
+        // Check's value rather than the client's.
+        assert_eq!(headers["x-caller-client"], "demo-mobile", "{seen}");
+        assert!(headers.get("x-not-vouched").is_none(), "{seen}");
+    }
     assert!(vehicles["headers"]["x-request-id"].is_string());
     assert_eq!(
         vehicles["headers"]["x-request-id"],
@@ -744,6 +886,27 @@ async fn a_slow_part_is_reported_and_the_rest_still_arrives() {
         .expect("a reason");
     assert!(reason.contains("timed out"), "{reason}");
     assert_eq!(counter_delta(&counted, "composite_backend_failed").await, 1);
+}
+
+#[tokio::test]
+async fn a_part_slower_than_a_second_still_arrives_within_its_timeout() {
+    let _serial = serial().await;
+    let token = token(WEB).await;
+    let counted = counters().await;
+
+    // 1.3 s: past ext_proc's default message timeout (0.5 s) and past the
+    // 1 s that ext_authz allows Check, inside the part's own 1.5 s.
+    let started = std::time::Instant::now();
+    let response = get(reqwest::Method::GET, "/overview/slow", &token, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "x-gatehouse-partial"), None);
+    let body = checked_json(response).await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1300));
+
+    assert_eq!(body["stations"], json!({"slept_ms": 1300}), "{body}");
+    assert_eq!(body["vehicles"]["count"], 3, "{body}");
+    assert!(body.get("partial_failures").is_none(), "{body}");
+    assert_eq!(counter_delta(&counted, "composite_backend_failed").await, 0);
 }
 
 #[tokio::test]

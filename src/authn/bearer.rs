@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use super::AuthnError;
 
 /// The query parameter RFC 6750 section 2.3 names.
-const QUERY_PARAMETER: &str = "access_token";
+pub const QUERY_PARAMETER: &str = "access_token";
 
 /// The request's one bearer token, from the header or, when `allow_query`,
 /// the query string.

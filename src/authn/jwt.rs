@@ -170,6 +170,54 @@ pub fn identity_from(
     })
 }
 
+/// Refuses a token whose `nbf` or `iat` lies beyond `now` plus `leeway`
+/// seconds, or is not a number: the time rules JWTs and introspected tokens
+/// share (`exp` is checked where each kind keeps it).
+///
+/// # Errors
+///
+/// [`AuthnError::NotYetValid`], [`AuthnError::IssuedInFuture`] or
+/// [`AuthnError::BadClaims`].
+pub fn check_not_future(
+    claims: &Map<String, Value>,
+    leeway: u64,
+    now: u64,
+) -> Result<(), AuthnError> {
+    let latest = now.saturating_add(leeway);
+
+    for (name, refusal) in [
+        ("nbf", AuthnError::NotYetValid),
+        ("iat", AuthnError::IssuedInFuture),
+    ] {
+        match claims.get(name) {
+            None => {}
+            Some(value) => {
+                let at = value.as_u64().ok_or(AuthnError::BadClaims)?;
+                if at > latest {
+                    return Err(refusal);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a token lacking one of the provider's `required_claims` (or
+/// carrying it as null).
+///
+/// # Errors
+///
+/// [`AuthnError::BadClaims`].
+pub fn check_required(claims: &Map<String, Value>, required: &[String]) -> Result<(), AuthnError> {
+    let missing = required
+        .iter()
+        .any(|name| claims.get(name).is_none_or(Value::is_null));
+    if missing {
+        return Err(AuthnError::BadClaims);
+    }
+    Ok(())
+}
+
 /// What a `jsonwebtoken` failure means for the client.
 pub fn map_jwt_error(kind: &jsonwebtoken::errors::ErrorKind) -> AuthnError {
     use jsonwebtoken::errors::ErrorKind;
@@ -245,6 +293,38 @@ mod tests {
                 "{typ}"
             );
         }
+    }
+
+    #[test]
+    fn time_claims_in_the_future_are_refused_beyond_the_leeway() {
+        let claims =
+            |json: &str| -> Map<String, Value> { serde_json::from_str(json).expect("json") };
+        let now = 1_000;
+
+        assert!(check_not_future(&claims(r#"{"nbf":1030,"iat":1030}"#), 30, now).is_ok());
+        assert!(matches!(
+            check_not_future(&claims(r#"{"nbf":1031}"#), 30, now),
+            Err(AuthnError::NotYetValid)
+        ));
+        assert!(matches!(
+            check_not_future(&claims(r#"{"iat":1031}"#), 30, now),
+            Err(AuthnError::IssuedInFuture)
+        ));
+        assert!(matches!(
+            check_not_future(&claims(r#"{"nbf":"soon"}"#), 30, now),
+            Err(AuthnError::BadClaims)
+        ));
+        assert!(check_not_future(&claims("{}"), 0, now).is_ok());
+    }
+
+    #[test]
+    fn required_claims_must_be_present_and_not_null() {
+        let claims: Map<String, Value> =
+            serde_json::from_str(r#"{"jti":"x","tenant":null}"#).expect("json");
+
+        assert!(check_required(&claims, &["jti".to_owned()]).is_ok());
+        assert!(check_required(&claims, &["tenant".to_owned()]).is_err());
+        assert!(check_required(&claims, &["sub".to_owned()]).is_err());
     }
 
     #[test]

@@ -29,13 +29,21 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// The key a token names, or the only key when the token names none.
-    pub fn find(&self, kid: Option<&str>) -> Option<&Key> {
-        match kid {
-            Some(kid) => self.keys.get(kid),
-            None if self.keys.len() == 1 => self.keys.values().next(),
+    /// The key a token names, or the only key when the token names none,
+    /// with the `kid` it is published under: what a verified token records,
+    /// so that withdrawing the key drops the token whatever its header said.
+    pub fn find(&self, kid: Option<&str>) -> Option<(&str, &Key)> {
+        let found = match kid {
+            Some(kid) => self.keys.get_key_value(kid),
+            None if self.keys.len() == 1 => self.keys.iter().next(),
             None => None,
-        }
+        };
+        found.map(|(kid, key)| (kid.as_str(), key))
+    }
+
+    /// Whether a key is published under `kid`.
+    pub fn publishes(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
     }
 
     /// Whether any key is loaded.

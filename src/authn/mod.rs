@@ -18,6 +18,7 @@ use moka::future::Cache;
 use serde_json::{Map, Value};
 
 use crate::config::{Provider, TokenKind, Tokens};
+use crate::metrics::Counter;
 use cache::{Digest, UntilExpiry, digest, unix_now};
 use introspection::Introspector;
 use issuer::Issuer;
@@ -276,8 +277,10 @@ impl Authenticator {
         }
 
         if let Some(identity) = self.cached(&digest).await {
+            Counter::TokenCacheHit.inc();
             return Ok(identity);
         }
+        Counter::TokenCacheMiss.inc();
 
         let peeked = jwt::peek(&token)?;
         let issuer = self
@@ -287,7 +290,7 @@ impl Authenticator {
             .ok_or(AuthnError::WrongIssuer)?;
 
         let identity = Arc::new(issuer.verify(&token).await?);
-        self.verified.insert(digest, identity.clone()).await;
+        issuer.remember(digest, identity.clone()).await;
         Ok(identity)
     }
 

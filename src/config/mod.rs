@@ -10,6 +10,7 @@ mod providers;
 mod tests;
 #[cfg(test)]
 mod tests_ratelimit;
+mod unexpanded;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -264,14 +265,14 @@ pub struct RequestHeaders {
 /// request's value, and a header whose value ends up empty is not sent.
 pub const HEADER_PLACEHOLDERS: [&str; 4] = ["{request_id}", "{route}", "{client_id}", "{profile}"];
 
-/// Headers a route may not change: the token, the identity Gatehouse
-/// vouches for, and what Envoy routes on.
-const PROTECTED_HEADERS: [&str; 4] = [
-    "authorization",
-    crate::decision::CLIENT_ID_HEADER,
-    crate::decision::SUBJECT_HEADER,
-    "host",
-];
+/// Headers a route may not change: the token and what Envoy routes on. The
+/// identity headers are guarded apart, see [`identity_header_use`].
+const PROTECTED_HEADERS: [&str; 2] = ["authorization", "host"];
+
+/// The reserved names a route may `set` (never `add` or `remove`): they
+/// carry the route and profile Gatehouse chose, and a `set` replaces any
+/// copy the client sent.
+const ROUTE_SETTABLE_HEADERS: [&str; 2] = ["x-gatehouse-profile", "x-gatehouse-route"];
 
 /// A compiled route.
 #[derive(Debug, Clone)]
@@ -353,7 +354,9 @@ impl Config {
         let raw = parse(path, text, env)?;
         let version = hex_digest(text.as_bytes());
 
-        compile(path, raw, version)
+        // A `${` the parser left as text is refused with the other problems.
+        let unexpanded = unexpanded::unexpanded_references(text);
+        compile(path, raw, version, unexpanded)
     }
 
     /// The route that `name` names, if any.
@@ -555,8 +558,14 @@ impl Problems {
     }
 }
 
-fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, ConfigError> {
-    let mut problems = Problems(Vec::new());
+/// Compiles the parsed file; `found` holds problems found before this step.
+fn compile(
+    path: &Path,
+    raw: FileConfig,
+    version: String,
+    found: Vec<Problem>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Problems(found);
 
     let server = Server {
         listen: raw.server.listen,
@@ -603,6 +612,7 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
         profiles: &profile_names,
         upstream: upstream.as_deref(),
         counts_by_peer: raw.client_address_header.is_none(),
+        forwarded: &tokens.forward,
     };
     let mut warnings = Problems(Vec::new());
     let routes = compile_routes(raw.routes, &context, &mut problems, &mut warnings);
@@ -623,9 +633,11 @@ fn compile(path: &Path, raw: FileConfig, version: String) -> Result<Config, Conf
                 let key = format!("profiles.{name}.routes.{route}");
                 problems.add(Some(&steps.referenced), key, "no route has this name");
             }
+            // Keyed like a parse error inside the step (`r[1].rename`),
+            // at the line of the route's step list.
             if let Err(err) = crate::reshape::validate(&steps.value) {
-                let key = format!("profiles.{name}.routes.{route}");
-                problems.add(Some(&steps.referenced), key, err.to_string());
+                let key = format!("profiles.{name}.routes.{route}[{}].{}", err.index, err.op);
+                problems.add(Some(&steps.referenced), key, err.problem.to_string());
             }
             steps_by_route.insert(route, Arc::from(steps.value));
         }
@@ -773,6 +785,8 @@ struct RouteContext<'a> {
     upstream: Option<&'a str>,
     /// No `client_address_header`: public routes count by the TCP peer.
     counts_by_peer: bool,
+    /// The identity headers `tokens.forward` names.
+    forwarded: &'a Forward,
 }
 
 fn compile_routes(
@@ -885,8 +899,12 @@ fn compile_routes(
             problems.add(Some(&profile.referenced), key("profile"), message);
         }
 
-        let request_headers =
-            compile_request_headers(section.request_headers, &key("request_headers"), problems);
+        let request_headers = compile_request_headers(
+            section.request_headers,
+            context.forwarded,
+            &key("request_headers"),
+            problems,
+        );
 
         let composite = section.composite.map(|composite| {
             compile_composite(composite, context.upstream, &key("composite"), problems)
@@ -989,8 +1007,35 @@ fn compile_reshape(raw: file::ReshapeSection, problems: &mut Problems) -> Reshap
     }
 }
 
+/// Whether a route's `field` (`add`, `set` or `remove`) may name `name`:
+/// `Err` says why not when it is an identity header.
+///
+/// Check removes every identity header a route does not set, so that a
+/// client's copy never reaches a service. A route that adds one would keep
+/// the client's value beside its own, and one that removes it would drop
+/// Gatehouse's; only the route and profile names may be set, replacing
+/// whatever the client sent.
+fn identity_header_use(name: &str, field: &str, forwarded: &Forward) -> Result<(), String> {
+    let configured = forwarded.names().any(|forwarded| forwarded == name);
+    let reserved = crate::decision::IDENTITY_HEADERS.contains(&name);
+
+    if reserved && !(field == "set" && ROUTE_SETTABLE_HEADERS.contains(&name)) {
+        return Err(format!(
+            "{name:?} is an identity header; a route may only set {}",
+            ROUTE_SETTABLE_HEADERS.join(" and ")
+        ));
+    }
+    if configured {
+        return Err(format!(
+            "{name:?} is forwarded by tokens.forward and cannot be changed"
+        ));
+    }
+    Ok(())
+}
+
 fn compile_request_headers(
     raw: file::RequestHeadersSection,
+    forwarded: &Forward,
     key: &str,
     problems: &mut Problems,
 ) -> RequestHeaders {
@@ -1001,6 +1046,8 @@ fn compile_request_headers(
             problems.add(location, format!("{key}.{field}"), message);
         } else if PROTECTED_HEADERS.contains(&lower.as_str()) {
             let message = format!("{name:?} is managed by Gatehouse and cannot be changed");
+            problems.add(location, format!("{key}.{field}"), message);
+        } else if let Err(message) = identity_header_use(&lower, field, forwarded) {
             problems.add(location, format!("{key}.{field}"), message);
         }
         lower

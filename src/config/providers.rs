@@ -53,6 +53,10 @@ pub(super) fn slowest_token_check(providers: &[Provider]) -> Option<(Duration, S
     slowest
 }
 
+/// The most clock skew a provider may be granted: five minutes is already
+/// generous, and the time checks subtract it from the clock.
+pub const MAX_LEEWAY_SECONDS: u64 = 300;
+
 // === file format ===
 
 /// One entry of `providers:`, or the whole of `provider:`.
@@ -69,9 +73,9 @@ pub struct ProviderSection {
     #[serde(default)]
     pub jwks_uri: Option<Spanned<String>>,
 
-    /// Accepted clock skew for `exp`, `nbf` and `iat`, in seconds.
+    /// Accepted clock skew for `exp`, `nbf` and `iat`, in seconds (0 to 300).
     #[serde(default = "default_leeway")]
-    pub leeway_seconds: u64,
+    pub leeway_seconds: Spanned<u64>,
 
     /// Budget for one discovery or JWKS request, in milliseconds.
     #[serde(default = "default_fetch_timeout")]
@@ -89,9 +93,10 @@ pub struct ProviderSection {
     #[serde(default = "default_max_refresh")]
     pub max_refresh_seconds: u64,
 
-    /// The minimum time between two refetches caused by an unknown `kid`, in seconds.
+    /// The minimum time between two refetches caused by an unknown `kid`, in
+    /// seconds; at least 1, so the throttle can never be turned off.
     #[serde(default = "default_refetch")]
-    pub min_refetch_seconds: u64,
+    pub min_refetch_seconds: Spanned<u64>,
 
     /// Accepted signature algorithms; every asymmetric one when empty.
     #[serde(default)]
@@ -217,8 +222,15 @@ pub enum TokenKind {
     Opaque,
 }
 
-fn default_leeway() -> u64 {
-    30
+/// A default value, which has no place in the file.
+fn unplaced(value: u64) -> Spanned<u64> {
+    use serde_saphyr::Location;
+
+    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+}
+
+fn default_leeway() -> Spanned<u64> {
+    unplaced(30)
 }
 
 fn default_fetch_timeout() -> u64 {
@@ -237,8 +249,8 @@ fn default_max_refresh() -> u64 {
     3600
 }
 
-fn default_refetch() -> u64 {
-    10
+fn default_refetch() -> Spanned<u64> {
+    unplaced(10)
 }
 
 fn default_introspection_timeout() -> u64 {
@@ -454,6 +466,25 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
         problems.add(None, at("min_refresh_seconds"), message);
     }
 
+    // The time checks compute `now - leeway`; a bound keeps that sane and
+    // keeps a typo from accepting tokens long expired.
+    let leeway = &raw.leeway_seconds;
+    if leeway.value > MAX_LEEWAY_SECONDS {
+        let message = format!("must be between 0 and {MAX_LEEWAY_SECONDS}");
+        problems.add(Some(&leeway.referenced), at("leeway_seconds"), message);
+    }
+
+    // Zero would let every token with an unknown `kid` cause a fetch.
+    let refetch = &raw.min_refetch_seconds;
+    if refetch.value == 0 {
+        let message = "must be at least 1";
+        problems.add(
+            Some(&refetch.referenced),
+            at("min_refetch_seconds"),
+            message,
+        );
+    }
+
     // Inside a Check, an unknown `kid` costs up to two fetches (discovery,
     // then the JWKS) and an opaque token one introspection call; each must
     // end before Envoy's 1 s ext_authz timeout so the answer is Gatehouse's.
@@ -528,11 +559,11 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
         issuer: raw.issuer.value,
         audiences: raw.audiences,
         jwks_uri: raw.jwks_uri.map(|uri| uri.value),
-        leeway: Duration::from_secs(raw.leeway_seconds),
+        leeway: Duration::from_secs(raw.leeway_seconds.value.min(MAX_LEEWAY_SECONDS)),
         fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms),
         refresh: Duration::from_secs(raw.refresh_seconds.max(1)),
         refresh_bounds: bounds,
-        min_refetch: Duration::from_secs(raw.min_refetch_seconds),
+        min_refetch: Duration::from_secs(raw.min_refetch_seconds.value.max(1)),
         algorithms,
         hmac_secret: raw.hmac_secret.map(|secret| secret.value),
         required_claims: raw.required_claims,
@@ -706,6 +737,36 @@ tokens:
         let both = config.route("both").expect("route");
         assert_eq!(both.token_kinds, [TokenKind::Jwt, TokenKind::Opaque]);
         assert!(matches!(&both.claims[0].test, ClaimTest::Pattern(re) if !re.is_match("acme2")));
+    }
+
+    #[test]
+    fn leeway_and_the_refetch_throttle_are_bounded() {
+        let provider = |extra: &str| {
+            format!("provider:\n  issuer: https://a.example\n  audiences: [api]\n{extra}{ROUTES}")
+        };
+
+        let err = problems(&provider(
+            "  leeway_seconds: 301\n  min_refetch_seconds: 0\n",
+        ));
+        assert!(
+            err.contains("g.yaml:4: provider.leeway_seconds: must be between 0 and 300"),
+            "{err}"
+        );
+        assert!(
+            err.contains("g.yaml:5: provider.min_refetch_seconds: must be at least 1"),
+            "{err}"
+        );
+
+        let config = load(&provider(
+            "  leeway_seconds: 300\n  min_refetch_seconds: 1\n",
+        ))
+        .expect("the bounds themselves are valid");
+        assert_eq!(config.providers[0].leeway, Duration::from_secs(300));
+        assert_eq!(config.providers[0].min_refetch, Duration::from_secs(1));
+
+        let defaults = load(&provider("")).expect("valid");
+        assert_eq!(defaults.providers[0].leeway, Duration::from_secs(30));
+        assert_eq!(defaults.providers[0].min_refetch, Duration::from_secs(10));
     }
 
     #[test]

@@ -221,8 +221,40 @@ fn bad_reshape_step_names_profile_route_and_step() {
     );
     let err = problems(&text);
 
-    assert!(err.contains("profiles.mobile.routes.vehicles"), "{err}");
-    assert!(err.contains("step 2 (rename)"), "{err}");
+    assert!(
+        err.contains("profiles.mobile.routes.vehicles[1].rename: rename path `b[]` ends in `[]`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn step_problems_and_parse_errors_count_steps_alike() {
+    // A path that does not parse is a serde error inside the first step...
+    let parse = problems(&GOOD.replace("        - keep: [id]", "        - keep: [\"a..b\"]"));
+    assert!(
+        parse.contains("profiles.mobile.routes.vehicles[0].keep[0]"),
+        "{parse}"
+    );
+
+    // ...and a step that parses but cannot work is named the same way.
+    let check = problems(&GOOD.replace("        - keep: [id]", "        - keep: []"));
+    assert!(
+        check.contains("profiles.mobile.routes.vehicles[0].keep: keep lists no paths"),
+        "{check}"
+    );
+}
+
+#[test]
+fn overlapping_rename_is_refused_naming_profile_and_step() {
+    for (from, to) in [("a", "a.b"), ("a.b", "a")] {
+        let step = format!("        - keep: [id]\n        - rename: {{from: {from}, to: {to}}}");
+        let err = problems(&GOOD.replace("        - keep: [id]", &step));
+
+        let expected = format!(
+            "profiles.mobile.routes.vehicles[1].rename: rename from `{from}` to `{to}` overlaps"
+        );
+        assert!(err.contains(&expected), "{err}");
+    }
 }
 
 #[test]
@@ -274,6 +306,90 @@ fn request_headers_refuse_managed_names_and_unknown_placeholders() {
         message.contains("\"bad name\" is not a valid header name"),
         "{message}"
     );
+}
+
+/// GOOD with `request_headers` (YAML lines at route depth) on `vehicles`,
+/// and a `tokens` section in front.
+fn with_route_headers(headers: &str, tokens: &str) -> String {
+    let text = GOOD.replace(
+        "    rate_limit: standard\n",
+        &format!("    rate_limit: standard\n    request_headers:\n{headers}"),
+    );
+    format!("{tokens}{text}")
+}
+
+#[test]
+fn request_headers_refuse_identity_names_except_setting_route_and_profile() {
+    let key = "routes[0].request_headers";
+    for (headers, field, name) in [
+        (
+            "      add: {x-gatehouse-profile: p}\n",
+            "add",
+            "x-gatehouse-profile",
+        ),
+        (
+            "      add: {X-Gatehouse-Route: r}\n",
+            "add",
+            "x-gatehouse-route",
+        ),
+        (
+            "      set: {x-gatehouse-scopes: all}\n",
+            "set",
+            "x-gatehouse-scopes",
+        ),
+        (
+            "      set: {x-gatehouse-client-id: c}\n",
+            "set",
+            "x-gatehouse-client-id",
+        ),
+        (
+            "      remove: [x-gatehouse-subject]\n",
+            "remove",
+            "x-gatehouse-subject",
+        ),
+        (
+            "      remove: [x-gatehouse-route]\n",
+            "remove",
+            "x-gatehouse-route",
+        ),
+    ] {
+        let message = problems(&with_route_headers(headers, ""));
+        let expected = format!("{key}.{field}: \"{name}\" is an identity header");
+        assert!(message.contains(&expected), "{expected}: {message}");
+    }
+
+    // Names `tokens.forward` configures are refused in every form, even the
+    // two a route may otherwise set.
+    let tokens = "tokens:\n  forward:\n    claims: {tenant: x-tenant, team: x-gatehouse-route}\n";
+    for (headers, field, name) in [
+        ("      add: {x-tenant: acme}\n", "add", "x-tenant"),
+        ("      set: {x-tenant: acme}\n", "set", "x-tenant"),
+        ("      remove: [x-tenant]\n", "remove", "x-tenant"),
+        (
+            "      set: {x-gatehouse-route: r}\n",
+            "set",
+            "x-gatehouse-route",
+        ),
+    ] {
+        let message = problems(&with_route_headers(headers, tokens));
+        let expected = format!("{key}.{field}: \"{name}\" is forwarded by tokens.forward");
+        assert!(message.contains(&expected), "{expected}: {message}");
+    }
+
+    // The documented use: the route and profile names, set.
+    let text = with_route_headers(
+        "      set: {x-gatehouse-profile: \"{profile}\", x-gatehouse-route: \"{route}\"}\n",
+        "",
+    );
+    let config = load(&text, &[("REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
+    let route = config.route("vehicles").expect("route");
+    let set: Vec<&str> = route
+        .request_headers
+        .set
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(set, ["x-gatehouse-profile", "x-gatehouse-route"]);
 }
 
 #[test]
@@ -354,4 +470,82 @@ fn a_policy_can_take_tiers_from_a_claim() {
 
     assert_eq!(policy.tier_claim.as_deref(), Some("plan"));
     assert_eq!(policy.limits_for(Some("gold")).0, Some("gold"));
+}
+
+#[test]
+fn quoted_and_block_references_are_refused_with_line_and_key() {
+    let vars = [
+        ("ISSUER", "https://id.example.com"),
+        ("REDIS_URL", "redis://r:6379"),
+        ("PREFIX", "gh"),
+    ];
+    let issuer = "issuer: ${ISSUER:-http://127.0.0.1:3000}";
+    let prefix = "key_prefix: ${PREFIX:-gatehouse}";
+    let cases = [
+        (issuer, "issuer: \"${ISSUER}\"", "7: provider.issuer"),
+        (issuer, "issuer: '${ISSUER}'", "7: provider.issuer"),
+        // A block value's line is its first line of text, as elsewhere.
+        (issuer, "issuer: |\n    ${ISSUER}", "8: provider.issuer"),
+        (issuer, "issuer: >-\n    ${ISSUER}", "8: provider.issuer"),
+        (
+            prefix,
+            "key_prefix: \"gh-${PREFIX}\"",
+            "11: redis.key_prefix",
+        ),
+        (
+            "audiences: [https://api.gatehouse.test]",
+            "audiences: [a, \"${AUDIENCE:-b}\"]",
+            "8: provider.audiences[1]",
+        ),
+        ("  demo-mobile:", "  ${CLIENT}:", "23: clients.${CLIENT}"),
+    ];
+
+    for (from, to, at) in cases {
+        let text = GOOD.replace(from, to);
+        assert_ne!(text, GOOD, "{from}");
+        let err = load(&text, &vars).expect_err(to).to_string();
+
+        // Other rules may refuse the text too (an issuer that is no URL).
+        let expected = format!("gatehouse.yaml:{at}: `${{` is not expanded");
+        assert!(
+            err.lines().any(|line| line.starts_with(&expected)),
+            "{to}: {err}"
+        );
+    }
+}
+
+#[test]
+fn every_unexpanded_reference_is_reported() {
+    let text = GOOD
+        .replace(
+            "key_prefix: ${PREFIX:-gatehouse}",
+            "key_prefix: \"${PREFIX}\"",
+        )
+        .replace("    prefix: /status", "    prefix: '/${STATUS}'");
+    let err = problems(&text);
+
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("gatehouse.yaml:11: redis.key_prefix: "),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("gatehouse.yaml:32: routes[1].prefix: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn other_dollars_stay_literal() {
+    let vars = [("REDIS_URL", "redis://r:6379")];
+
+    // The escape gives the text `${PREFIX}`; a quoted `$` without a brace
+    // is an ordinary character.
+    for (written, value) in [("$${PREFIX}", "${PREFIX}"), ("\"pa$word\"", "pa$word")] {
+        let text = GOOD.replace("${PREFIX:-gatehouse}", written);
+        let config = load(&text, &vars).expect(written);
+
+        assert_eq!(config.redis.expect("redis").key_prefix, value);
+    }
 }

@@ -80,7 +80,7 @@ impl Authorization for AuthorizationService {
 
 fn to_check_response(decision: Decision) -> CheckResponse {
     match decision {
-        Decision::Allow(allow) => allowed(allow),
+        Decision::Allow(allow) => allowed(*allow),
         Decision::Deny(deny) => denied(deny),
     }
 }
@@ -105,6 +105,9 @@ fn allowed(allow: Allow) -> CheckResponse {
     }
     for name in &allow.remove_headers {
         ok.remove_header(name);
+    }
+    for name in &allow.remove_query {
+        ok.remove_query_parameter(name);
     }
     for (name, value) in &allow.response_headers {
         ok.add_response_header(

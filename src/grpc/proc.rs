@@ -33,7 +33,6 @@ use super::METADATA_NAMESPACE;
 use super::authz::metadata_from_struct;
 use crate::composite;
 use crate::config::Composite;
-use crate::decision::IDENTITY_HEADERS;
 use crate::decision::Metadata;
 use crate::metrics::Counter;
 use crate::shaping::{self, Plan, ResponseHead};
@@ -147,12 +146,20 @@ impl Exchange {
     }
 
     async fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
-        if let Some(processing_request::Request::RequestHeaders(headers)) = &message.request
-            && let Some(reply) = self.composite(headers).await
-        {
-            return reply;
+        match message.request {
+            Some(processing_request::Request::RequestHeaders(headers)) => {
+                match self.composite(&headers).await {
+                    Some(reply) => reply,
+                    None => reply(processing_response::Response::RequestHeaders(
+                        HeadersResponse::default(),
+                    )),
+                }
+            }
+            Some(processing_request::Request::ResponseBody(body)) => {
+                self.response_body(body.body, body.end_of_stream).await
+            }
+            request => self.handle_one(request),
         }
-        self.handle_one(message)
     }
 
     /// Answers a composite route from its parts, or `None` when the route is
@@ -160,21 +167,16 @@ impl Exchange {
     async fn composite(&self, headers: &HttpHeaders) -> Option<ProcessingResponse> {
         let composite = self.composite_route()?;
 
-        // The caller's identity, as Check set it, and the request id go to
-        // every part, so the services see who asked. Only the names Check
-        // controls: a client's own x-gatehouse-whatever is not vouched for.
-        let forward: Vec<(String, String)> = headers
+        let request_headers: Vec<(String, String)> = headers
             .headers
             .as_ref()
-            .map(|map| map.headers.iter().map(header_pair).collect::<Vec<_>>())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(name, _)| name == "x-request-id" || IDENTITY_HEADERS.contains(&name.as_str()))
-            .collect();
+            .map(|map| map.headers.iter().map(header_pair).collect())
+            .unwrap_or_default();
+        let forward = composite::forwarded(request_headers, &self.runtime.config.tokens.forward);
 
         let steps = shaping::steps_for(&self.runtime, &self.metadata);
         let max_body_bytes = self.runtime.config.reshape.max_body_bytes;
-        let answer = composite::answer(&composite, &forward, &steps, max_body_bytes).await;
+        let answer = composite::answer(&composite, &forward, steps, max_body_bytes).await;
         tracing::debug!(
             request.id = %self.metadata.request_id,
             http.status = answer.status,
@@ -206,14 +208,13 @@ impl Exchange {
         )))
     }
 
-    fn handle_one(&mut self, message: ProcessingRequest) -> ProcessingResponse {
-        match message.request {
+    /// The messages that need nothing but the headers or an empty answer.
+    fn handle_one(&mut self, request: Option<processing_request::Request>) -> ProcessingResponse {
+        match request {
             Some(processing_request::Request::ResponseHeaders(headers)) => {
                 self.response_headers(&headers)
             }
-            Some(processing_request::Request::ResponseBody(body)) => {
-                self.response_body(&body.body, body.end_of_stream)
-            }
+            Some(processing_request::Request::ResponseBody(_)) => body_reply(None),
             Some(processing_request::Request::RequestHeaders(_)) => reply(
                 processing_response::Response::RequestHeaders(HeadersResponse::default()),
             ),
@@ -293,15 +294,18 @@ impl Exchange {
         response
     }
 
-    fn response_body(&mut self, body: &[u8], end_of_stream: bool) -> ProcessingResponse {
+    async fn response_body(&mut self, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
         let Some(plan) = self.plan.take() else {
             return body_reply(None);
         };
+        let unknown_length = plan.unknown_length;
+        let old_length = body.len();
 
         // A partial body means the response outgrew Envoy's buffer: the rest
         // streams on untouched, so this part must too.
         let new_body = if end_of_stream {
-            shaping::reshape_body(&plan, body, &self.metadata.request_id)
+            let request_id = self.metadata.request_id.clone();
+            shaping::reshape_body_blocking(plan, body, request_id).await
         } else {
             Counter::PassedTooLarge.inc();
             tracing::info!(
@@ -316,8 +320,8 @@ impl Exchange {
         // length gets its new length here. One of unknown length goes on
         // chunked: Envoy dropped its length when it buffered it partially.
         let mut common = CommonResponse::default();
-        if !plan.unknown_length {
-            let length = new_body.as_ref().map_or(body.len(), Vec::len).to_string();
+        if !unknown_length {
+            let length = new_body.as_ref().map_or(old_length, Vec::len).to_string();
             common.header_mutation = Some(HeaderMutation {
                 set_headers: vec![set_header("content-length", &length)],
                 remove_headers: Vec::new(),

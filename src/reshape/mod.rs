@@ -2,7 +2,8 @@
 //!
 //! A profile is a list of [`Step`]s read from config and applied in order.
 //! Steps never fail on data: a path that does not match is skipped. Only
-//! config ([`validate`]) and unparsable bodies ([`apply_to_bytes`]) fail.
+//! config ([`validate`]), unparsable bodies ([`apply_to_bytes`]) and
+//! results past the size limit ([`TooLarge`]) fail.
 
 mod case;
 pub mod encoding;
@@ -33,6 +34,16 @@ pub const MAX_DEPTH: usize = 128;
 /// The ordered steps that shape one route's responses for one client kind.
 pub type Profile = Vec<Step>;
 
+/// Reshaping would build more than the limit allows: `flatten` copies each
+/// key's whole prefix into every key below it, so a small body can ask for
+/// gigabytes. The caller should pass the original body unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("reshaped body would be larger than {limit} bytes")]
+pub struct TooLarge {
+    /// The limit in bytes.
+    pub limit: u64,
+}
+
 /// A response body that could not be reshaped; the caller should pass the
 /// original bytes through unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +51,9 @@ pub enum BodyError {
     /// Not JSON, or nested more than 128 levels deep.
     #[error("response body is not valid json")]
     InvalidJson(#[source] serde_json::Error),
+    /// A step, or the written result, would pass the limit.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// Writing the result failed; not expected for values built from JSON.
     #[error("reshaped body could not be serialized")]
     Serialize(#[source] serde_json::Error),
@@ -59,27 +73,86 @@ pub fn validate(steps: &[Step]) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Applies the steps in order. Never panics and never fails: parts of the
-/// data a step's paths do not reach are left alone, and steps that
-/// [`validate`] would refuse are skipped or clamped.
-pub fn apply(steps: &[Step], body: &mut Value) {
+/// Applies the steps in order. Never panics: parts of the data a step's
+/// paths do not reach are left alone, and steps that [`validate`] would
+/// refuse are skipped or clamped.
+///
+/// `max_bytes` bounds the keys that each `flatten` step writes, over all
+/// the objects it flattens; the check runs before each object is
+/// flattened, so the work stays small however hostile the body.
+///
+/// # Errors
+///
+/// [`TooLarge`] when a `flatten` would write more than `max_bytes` of keys.
+/// The body is then partly reshaped and should be discarded.
+pub fn apply(steps: &[Step], body: &mut Value, max_bytes: u64) -> Result<(), TooLarge> {
     for step in steps {
-        ops::apply_step(step, body);
+        let mut budget = ops::Budget::new(max_bytes);
+        ops::apply_step(step, body, &mut budget);
+        if budget.exceeded() {
+            return Err(TooLarge { limit: max_bytes });
+        }
     }
+    Ok(())
 }
 
-/// Parses a body, applies the steps and writes compact JSON.
+/// Parses a body, applies the steps and writes compact JSON of at most
+/// `max_bytes`, which also bounds `flatten` (see [`apply`]).
 ///
 /// # Errors
 ///
 /// [`BodyError::InvalidJson`] when the body is not JSON (including empty
-/// bodies and nesting past serde_json's limit of 128).
-pub fn apply_to_bytes(steps: &[Step], bytes: &[u8]) -> Result<Vec<u8>, BodyError> {
+/// bodies and nesting past serde_json's limit of 128);
+/// [`BodyError::TooLarge`] when a step or the result would pass
+/// `max_bytes`. Writing stops at the limit, so a result that is too large
+/// is never held in full.
+pub fn apply_to_bytes(steps: &[Step], bytes: &[u8], max_bytes: u64) -> Result<Vec<u8>, BodyError> {
     let mut body: Value = serde_json::from_slice(bytes).map_err(BodyError::InvalidJson)?;
 
-    apply(steps, &mut body);
+    let applied = apply(steps, &mut body, max_bytes);
+    if let Err(err) = applied {
+        ops::discard(body);
+        return Err(err.into());
+    }
 
-    serde_json::to_vec(&body).map_err(BodyError::Serialize)
+    let mut out = Bounded {
+        bytes: Vec::with_capacity(bytes.len()),
+        limit: max_bytes,
+        refused: false,
+    };
+    let written = serde_json::to_writer(&mut out, &body);
+    ops::discard(body);
+    match written {
+        Ok(()) => Ok(out.bytes),
+        Err(_) if out.refused => Err(TooLarge { limit: max_bytes }.into()),
+        Err(err) => Err(BodyError::Serialize(err)),
+    }
+}
+
+/// A writer that refuses to grow past `limit`, so serializing an oversized
+/// result stops early instead of filling memory.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: u64,
+    /// A write was refused for the limit, which tells this apart from
+    /// serde_json's own errors.
+    refused: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.limit.saturating_sub(self.bytes.len() as u64);
+        if buf.len() as u64 > room {
+            self.refused = true;
+            return Err(std::io::Error::other("reshaped body passes the limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Parses a sparse fieldset query value such as `id,battery.soc`, with the

@@ -12,9 +12,47 @@ use super::path::{self, Path, Segment};
 use super::step::{Case, Convert, KeyCase, MAX_ROUND, Rename, Step};
 use super::timestamp;
 
+/// What one step may still build. Only `flatten` draws on it: it is the one
+/// step whose output can grow faster than its input, since every flattened
+/// key repeats the keys above it. Each step gets its own, so a profile with
+/// several `flatten` steps is bounded by the number of its steps.
+pub(crate) struct Budget {
+    left: u64,
+    exceeded: bool,
+}
+
+impl Budget {
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Self {
+            left: max_bytes,
+            exceeded: false,
+        }
+    }
+
+    /// Whether a step wanted more than was left; the result is then unusable.
+    pub(crate) fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    /// Takes `bytes`, or marks the budget exceeded and returns false.
+    fn take(&mut self, bytes: u64) -> bool {
+        match self.left.checked_sub(bytes) {
+            Some(left) if !self.exceeded => {
+                self.left = left;
+                true
+            }
+            _ => {
+                self.exceeded = true;
+                false
+            }
+        }
+    }
+}
+
 /// Runs one step. Steps that fail [`Step::check`] are skipped where acting
-/// on them would be ambiguous (a rename across arrays).
-pub(crate) fn apply_step(step: &Step, body: &mut Value) {
+/// on them would be ambiguous (a rename across arrays, or one that overlaps
+/// itself).
+pub(crate) fn apply_step(step: &Step, body: &mut Value, budget: &mut Budget) {
     match step {
         Step::Keep(paths) => keep(body, paths),
         Step::Drop(paths) => {
@@ -27,7 +65,7 @@ pub(crate) fn apply_step(step: &Step, body: &mut Value) {
         Step::Wrap(key) => wrap(body, key),
         Step::Flatten(spec) => {
             at(body, spec.path.as_ref(), &mut |v| {
-                flatten(v, &spec.separator)
+                flatten(v, &spec.separator, budget)
             });
         }
         Step::DropNulls(spec) => {
@@ -189,9 +227,6 @@ fn rename(body: &mut Value, spec: &Rename) {
     let Ok(parts) = spec.split() else {
         return;
     };
-    if parts.from == parts.to {
-        return;
-    }
 
     path::visit_mut(body, parts.prefix, &mut |scope| {
         let Some(moved) = path::take_keys(scope, parts.from) else {
@@ -254,14 +289,54 @@ fn wrap(body: &mut Value, key: &str) {
 /// `{a: {b: 1}, c: []}` becomes `{"a.b": 1, c: []}`. Arrays and empty
 /// objects are leaves. When two fields end up with the same key, the one
 /// met first in the object's order is kept.
-fn flatten(value: &mut Value, separator: &str) {
+///
+/// The new keys are measured first and charged to `budget`; an object whose
+/// keys do not fit is left as it is, and the budget marked exceeded.
+fn flatten(value: &mut Value, separator: &str, budget: &mut Budget) {
     let Value::Object(map) = value else {
         return;
     };
+    if budget.exceeded() {
+        return;
+    }
+
+    let mut measure = |bytes: usize| budget.take(bytes as u64);
+    if !flat_key_bytes(map, None, separator.len(), 0, &mut measure) {
+        return;
+    }
 
     let mut flat = Map::new();
     lift(std::mem::take(map), None, separator, &mut flat, 0);
     *map = flat;
+}
+
+/// Walks the object as [`lift`] will and reports each key length it would
+/// write to `take`, stopping when `take` refuses; false means it refused.
+/// Nothing is allocated, so a hostile body costs one walk over its nodes.
+fn flat_key_bytes(
+    map: &Map<String, Value>,
+    prefix: Option<usize>,
+    separator: usize,
+    depth: usize,
+    take: &mut dyn FnMut(usize) -> bool,
+) -> bool {
+    for (key, child) in map {
+        let joined = match prefix {
+            Some(prefix) => prefix.saturating_add(separator).saturating_add(key.len()),
+            None => key.len(),
+        };
+
+        let fits = match child {
+            Value::Object(inner) if !inner.is_empty() && depth < MAX_DEPTH => {
+                flat_key_bytes(inner, Some(joined), separator, depth + 1, take)
+            }
+            _ => take(joined),
+        };
+        if !fits {
+            return false;
+        }
+    }
+    true
 }
 
 fn lift(
@@ -412,7 +487,7 @@ fn convert(value: &mut Value, spec: &Convert) {
 }
 
 /// Rounds half away from zero on the binary value, so 1.005 (stored as
-/// 1.00499…) rounds to 1.0 at two decimals.
+/// 1.00499…) rounds to 1 at two decimals, and [`to_number`] writes `1`.
 fn round_half_away(x: f64, decimals: u32) -> f64 {
     // From 2^52 up an f64 has no fractional bits left to round.
     const NO_FRACTION: f64 = 4_503_599_627_370_496.0;

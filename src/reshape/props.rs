@@ -1,6 +1,20 @@
 //! Property tests: what drop and keep guarantee, idempotence of the steps
-//! a client may see applied twice, sparse fieldsets only narrowing, and
-//! convert round trips.
+//! that are idempotent by nature, sparse fieldsets only narrowing, and
+//! convert and timestamp round trips.
+//!
+//! Not every operation can be idempotent, and none of these is tested as
+//! one:
+//! - `wrap` nests the body one level deeper each time it runs;
+//! - `extract` takes the value at its path out again, and that value may
+//!   hold the same path (`extract: data` on `{"data": {"data": 1}}`);
+//! - `convert` multiplies again (only factor 1 and offset 0 is a no-op);
+//! - `timestamp` from one epoch unit to another (or the same) reads its own
+//!   output as input, since both are numbers: seconds to millis multiplies
+//!   by 1000 each time.
+//!
+//! `timestamp` between RFC 3339 and an epoch is idempotent, since its output
+//! is not in its input notation, and so is `rename` whose paths do not
+//! overlap (overlapping ones are refused by [`Step::check`]).
 
 #![allow(
     clippy::unwrap_used,
@@ -104,6 +118,75 @@ fn arb_idempotent_step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Timestamp conversions whose output is never in their input notation,
+/// plus RFC 3339 to itself, which only normalises to UTC.
+fn arb_idempotent_timestamp() -> impl Strategy<Value = Step> {
+    use TimeFormat::{EpochMillis, EpochSeconds, Rfc3339};
+    let pairs = [
+        (Rfc3339, EpochSeconds),
+        (Rfc3339, EpochMillis),
+        (EpochSeconds, Rfc3339),
+        (EpochMillis, Rfc3339),
+        (Rfc3339, Rfc3339),
+    ];
+    (arb_path(), prop::sample::select(pairs.to_vec()))
+        .prop_map(|(path, (from, to))| Step::Timestamp(Timestamp { path, from, to }))
+}
+
+/// Bodies where timestamps meet the generated paths: instants as RFC 3339
+/// text (with offsets and fractions) and as epoch numbers.
+fn arb_timed_body() -> impl Strategy<Value = Value> {
+    let instant = prop_oneof![
+        // Small enough to be valid in any unit, so a conversion between
+        // epoch units would show.
+        (-100_000i64..100_000).prop_map(Value::from),
+        (MIN_MILLIS..MAX_MILLIS).prop_map(Value::from),
+        (MIN_MILLIS / 1000..MAX_MILLIS / 1000).prop_map(Value::from),
+        (0f64..2e9).prop_map(Value::from),
+        prop::sample::select(
+            &[
+                "2024-05-01T12:00:00Z",
+                "2024-05-01T14:00:00.25+02:00",
+                "1969-12-31T23:59:59.999Z",
+                "not a time",
+            ][..]
+        )
+        .prop_map(Value::from),
+    ];
+    let element = prop::collection::btree_map(arb_key(), instant.clone(), 0..4)
+        .prop_map(|map| Value::Object(map.into_iter().collect::<Map<_, _>>()))
+        .boxed();
+    let field = prop_oneof![
+        instant,
+        prop::collection::vec(element.clone(), 0..3).prop_map(Value::Array),
+        element,
+    ];
+    prop::collection::btree_map(arb_key(), field, 1..5)
+        .prop_map(|map| Value::Object(map.into_iter().collect::<Map<_, _>>()))
+}
+
+/// Renames that [`Step::check`] accepts: key paths, or key paths inside the
+/// same array's elements.
+fn arb_rename() -> impl Strategy<Value = Step> {
+    let keys = || prop::collection::vec(arb_key(), 1..3).prop_map(|keys| keys.join("."));
+    let prefix = prop::sample::select(&["", "a[].", "b[]."][..]);
+    (prefix, keys(), keys())
+        .prop_map(|(prefix, from, to)| {
+            Step::Rename(Rename {
+                from: Path::parse(&format!("{prefix}{from}")).unwrap(),
+                to: Path::parse(&format!("{prefix}{to}")).unwrap(),
+            })
+        })
+        .prop_filter("overlapping renames are refused", |step| {
+            step.check().is_ok()
+        })
+}
+
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z in milliseconds: the
+/// years RFC 3339 can write.
+const MIN_MILLIS: i64 = -62_135_596_800_000;
+const MAX_MILLIS: i64 = 253_402_300_799_999;
+
 /// Every node's path, array positions written as `[]`; the root is left
 /// out since it always remains.
 fn node_paths(value: &Value, prefix: &mut Vec<Segment>, out: &mut Vec<Vec<Segment>>) {
@@ -140,7 +223,7 @@ fn contained(small: &Value, big: &Value) -> bool {
 
 fn run(steps: &[Step], body: &Value) -> Value {
     let mut body = body.clone();
-    apply(steps, &mut body);
+    apply(steps, &mut body, u64::MAX).unwrap();
     body
 }
 
@@ -178,6 +261,48 @@ proptest! {
         let once = run(std::slice::from_ref(&step), &body);
         let twice = run(std::slice::from_ref(&step), &once);
         prop_assert_eq!(once, twice, "{:?}", step);
+    }
+
+    #[test]
+    fn rfc3339_and_epoch_conversions_are_idempotent(
+        body in arb_timed_body(),
+        step in arb_idempotent_timestamp(),
+    ) {
+        prop_assert!(step.check().is_ok());
+        let once = run(std::slice::from_ref(&step), &body);
+        let twice = run(std::slice::from_ref(&step), &once);
+        prop_assert_eq!(once, twice, "{:?}", step);
+    }
+
+    #[test]
+    fn non_overlapping_renames_are_idempotent(body in arb_body(), step in arb_rename()) {
+        let once = run(std::slice::from_ref(&step), &body);
+        let twice = run(std::slice::from_ref(&step), &once);
+        prop_assert_eq!(once, twice, "{:?}", step);
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_rfc3339(
+        millis in MIN_MILLIS..=MAX_MILLIS,
+        seconds in MIN_MILLIS / 1000..=MAX_MILLIS / 1000,
+    ) {
+        use TimeFormat::{EpochMillis, EpochSeconds, Rfc3339};
+        let at = || Path::parse("at").unwrap();
+        let step = |from, to| Step::Timestamp(Timestamp { path: at(), from, to });
+
+        // Epoch to text and back is exact: RFC 3339 keeps the fraction.
+        let millis_back = [step(EpochMillis, Rfc3339), step(Rfc3339, EpochMillis)];
+        let out = run(&millis_back, &json!({"at": millis}));
+        prop_assert_eq!(&out["at"], &json!(millis));
+        let seconds_back = [step(EpochSeconds, Rfc3339), step(Rfc3339, EpochSeconds)];
+        let out = run(&seconds_back, &json!({"at": seconds}));
+        prop_assert_eq!(&out["at"], &json!(seconds));
+
+        // Text to epoch and back gives the same text, in UTC.
+        let text = run(&[step(EpochMillis, Rfc3339)], &json!({"at": millis}));
+        prop_assert!(text["at"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", text);
+        let back = run(&[step(Rfc3339, EpochMillis), step(EpochMillis, Rfc3339)], &text);
+        prop_assert_eq!(back, text);
     }
 
     #[test]

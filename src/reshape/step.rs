@@ -157,11 +157,14 @@ pub enum KeyCase {
 
 /// A step that deserialized but cannot work as written, with its position
 /// so config errors can point at it.
+///
+/// The message reads as the rest of a config key, `[1].rename: ...`, with
+/// the 0-based index that parse errors also use (`vehicles[1].keep[0]`), so
+/// every message about one step names it the same way.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("step {} ({op}): {problem}", .index + 1)]
+#[error("[{index}].{op}: {problem}")]
 pub struct StepError {
-    /// 0-based position in the list; the message counts from 1, as people
-    /// count list items.
+    /// 0-based position in the list.
     pub index: usize,
     /// The step's config name, such as `rename`.
     pub op: &'static str,
@@ -185,6 +188,16 @@ pub enum StepProblem {
          last `[]` and have no `[]` after it"
     )]
     RenameAcrossArrays {
+        /// The `from` path.
+        from: String,
+        /// The `to` path.
+        to: String,
+    },
+    /// One path inside the other: `{from: a, to: a.b}` would nest the value
+    /// one level deeper on every run, and `{from: a.b, to: a}` would replace
+    /// `a` and lose its other fields.
+    #[error("rename from `{from}` to `{to}` overlaps: one path lies inside the other")]
+    RenameOverlaps {
         /// The `from` path.
         from: String,
         /// The `to` path.
@@ -270,6 +283,15 @@ impl Rename {
         // one, because each source element needs exactly one destination.
         if prefix_len(&self.to) != len || from[..len] != to[..len] {
             return Err(StepProblem::RenameAcrossArrays {
+                from: self.from.to_string(),
+                to: self.to.to_string(),
+            });
+        }
+
+        // Equal paths count too: such a rename does nothing, which is not
+        // what anyone who wrote it meant.
+        if from.starts_with(to) || to.starts_with(from) {
+            return Err(StepProblem::RenameOverlaps {
                 from: self.from.to_string(),
                 to: self.to.to_string(),
             });

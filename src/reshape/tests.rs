@@ -18,7 +18,7 @@ fn steps(text: &str) -> Vec<Step> {
 fn run(steps_text: &str, mut body: Value) -> Value {
     let steps = steps(steps_text);
     validate(&steps).expect("test steps are valid");
-    apply(&steps, &mut body);
+    apply(&steps, &mut body, u64::MAX).unwrap();
     body
 }
 
@@ -121,7 +121,7 @@ fn sparse_fieldset_parses_and_narrows() {
     let mut profile = steps(r#"[{"keep": ["id", "battery"]}]"#);
     profile.push(Step::Keep(sparse_fieldset("battery.soc,secret").unwrap()));
     let mut body = json!({"id": 1, "secret": "s", "battery": {"soc": 80, "temp": 20}});
-    apply(&profile, &mut body);
+    apply(&profile, &mut body, u64::MAX).unwrap();
     assert_eq!(body, json!({"battery": {"soc": 80}}));
 }
 
@@ -226,6 +226,19 @@ fn validate_names_the_failing_step() {
             "crosses an array",
         ),
         (r#"{"rename": {"from": "a", "to": "b[]"}}"#, "ends in `[]`"),
+        (
+            r#"{"rename": {"from": "a", "to": "a.b"}}"#,
+            "rename from `a` to `a.b` overlaps",
+        ),
+        (
+            r#"{"rename": {"from": "a.b", "to": "a"}}"#,
+            "rename from `a.b` to `a` overlaps",
+        ),
+        (
+            r#"{"rename": {"from": "items[].a", "to": "items[].a.b"}}"#,
+            "overlaps",
+        ),
+        (r#"{"rename": {"from": "a", "to": "a"}}"#, "overlaps"),
         (r#"{"wrap": ""}"#, "wrap key is empty"),
         (r#"{"flatten": {"separator": ""}}"#, "separator is empty"),
         (
@@ -239,7 +252,7 @@ fn validate_names_the_failing_step() {
         assert_eq!(err.index, 1);
         let text = err.to_string();
         assert!(
-            text.starts_with(&format!("step 2 ({}): ", list[1].op())),
+            text.starts_with(&format!("[1].{}: ", list[1].op())),
             "{text}"
         );
         assert!(text.contains(needle), "{text}");
@@ -390,8 +403,36 @@ fn rename_within_array_elements() {
     // Invalid renames built in code are skipped by apply, not half done.
     let across = steps(r#"[{"rename": {"from": "items[].a", "to": "a"}}]"#);
     let mut body = json!({"items": [{"a": 1}]});
-    apply(&across, &mut body);
+    apply(&across, &mut body, u64::MAX).unwrap();
     assert_eq!(body, json!({"items": [{"a": 1}]}));
+}
+
+#[test]
+fn overlapping_renames_are_refused_and_skipped() {
+    let body = json!({"a": {"b": 1, "c": 2}, "ab": 3});
+    for (from, to) in [("a", "a.b"), ("a.b", "a"), ("a", "a")] {
+        let rename = Step::Rename(Rename {
+            from: path(from),
+            to: path(to),
+        });
+        assert!(
+            matches!(rename.check(), Err(StepProblem::RenameOverlaps { .. })),
+            "{from} -> {to}"
+        );
+
+        // Without the check, `a -> a.b` would nest once more on every run
+        // and `a.b -> a` would lose `a.c`; skipped, the body stays whole.
+        let mut twice = body.clone();
+        let steps = [rename.clone(), rename];
+        apply(&steps, &mut twice, u64::MAX).unwrap();
+        assert_eq!(twice, body, "{from} -> {to}");
+    }
+
+    // A key that merely starts with the same letters is another field.
+    assert_eq!(
+        run(r#"[{"rename": {"from": "a", "to": "ab"}}]"#, body),
+        json!({"ab": {"b": 1, "c": 2}})
+    );
 }
 
 #[test]
@@ -458,6 +499,88 @@ fn flatten_joins_keys() {
     // On a clash the field met first in the object's order wins.
     let clash = json!({"a": {"b": 1}, "a.b": 2});
     assert_eq!(run(r#"[{"flatten": {}}]"#, clash), json!({"a.b": 1}));
+}
+
+/// `n` leaves named `k0`, `k1`, ... under one key of `key_bytes` bytes.
+fn long_key_over_leaves(key_bytes: usize, n: usize) -> Value {
+    let leaves: serde_json::Map<String, Value> =
+        (0..n).map(|i| (format!("k{i}"), json!(0))).collect();
+    object(vec![(&"p".repeat(key_bytes), Value::Object(leaves))])
+}
+
+#[test]
+fn flatten_stops_at_the_budget_before_building_anything() {
+    // 400 KB on the wire; flattened, 20k copies of the 200 KB key: 4 GB.
+    let text = serde_json::to_vec(&long_key_over_leaves(200_000, 20_000)).unwrap();
+    assert!(text.len() < 410_000, "{}", text.len());
+    let steps = steps(r#"[{"flatten": {}}]"#);
+
+    let limit = 2 * 1024 * 1024;
+    let err = apply_to_bytes(&steps, &text, limit).unwrap_err();
+    assert!(
+        matches!(err, BodyError::TooLarge(TooLarge { limit: l }) if l == limit),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "reshaped body would be larger than 2097152 bytes"
+    );
+
+    // The parsed body is left as it was: the keys are measured first.
+    let mut body = long_key_over_leaves(200_000, 20_000);
+    assert!(apply(&steps, &mut body, limit).is_err());
+    assert_eq!(body.as_object().unwrap().len(), 1);
+    assert_eq!(
+        body[&"p".repeat(200_000)].as_object().unwrap().len(),
+        20_000
+    );
+}
+
+#[test]
+fn the_flatten_budget_counts_every_key_it_writes() {
+    // "a.b" and "a.c": six bytes of keys.
+    let steps = steps(r#"[{"flatten": {}}]"#);
+    let mut body = json!({"a": {"b": 1, "c": 2}});
+    apply(&steps, &mut body, 6).unwrap();
+    assert_eq!(body, json!({"a.b": 1, "a.c": 2}));
+
+    let mut body = json!({"a": {"b": 1, "c": 2}});
+    assert_eq!(apply(&steps, &mut body, 5), Err(TooLarge { limit: 5 }));
+}
+
+#[test]
+fn the_flatten_budget_is_shared_by_every_element_a_step_reaches() {
+    // Each element alone is within 2 MiB (1000 keys of about 1 KB), but
+    // the 100 together would write 100 MB.
+    let items: Vec<Value> = (0..100).map(|_| long_key_over_leaves(1000, 1000)).collect();
+    let mut body = object(vec![("items", Value::Array(items))]);
+    let each = steps(r#"[{"flatten": {"path": "items[]"}}]"#);
+    assert!(apply(&each, &mut body, 2 * 1024 * 1024).is_err());
+    ops::discard(body);
+
+    // Each step has a budget of its own: "x.y" twice fits 3 bytes each.
+    let twice = steps(r#"[{"flatten": {"path": "a"}}, {"flatten": {"path": "b"}}]"#);
+    let mut body = json!({"a": {"x": {"y": 1}}, "b": {"x": {"y": 1}}});
+    apply(&twice, &mut body, 3).unwrap();
+    assert_eq!(body, json!({"a": {"x.y": 1}, "b": {"x.y": 1}}));
+
+    // One step reaching both objects shares it: 6 bytes do not fit in 5.
+    let both = steps(r#"[{"flatten": {"path": "items[]"}}]"#);
+    let mut body = json!({"items": [{"x": {"y": 1}}, {"x": {"y": 1}}]});
+    assert!(apply(&both, &mut body, 5).is_err());
+    let mut body = json!({"items": [{"x": {"y": 1}}, {"x": {"y": 1}}]});
+    apply(&both, &mut body, 6).unwrap();
+}
+
+#[test]
+fn the_written_result_is_bounded_too() {
+    let steps = steps(r#"[{"wrap": "data"}]"#);
+    let body = br#"{"id": 7}"#;
+
+    let out = apply_to_bytes(&steps, body, 17).unwrap();
+    assert_eq!(out, br#"{"data":{"id":7}}"#);
+    let err = apply_to_bytes(&steps, body, 16).unwrap_err();
+    assert!(matches!(err, BodyError::TooLarge(_)), "{err}");
 }
 
 #[test]
@@ -629,11 +752,11 @@ fn timestamp_between_notations() {
 #[test]
 fn apply_to_bytes_round_trips() {
     let steps = steps(r#"[{"keep": ["id"]}, {"wrap": "data"}]"#);
-    let out = apply_to_bytes(&steps, br#"{ "id": 7, "secret": "s" }"#).unwrap();
+    let out = apply_to_bytes(&steps, br#"{ "id": 7, "secret": "s" }"#, u64::MAX).unwrap();
     assert_eq!(out, br#"{"data":{"id":7}}"#);
 
     for bad in [&b""[..], b"{", b"{\"a\":1} x", b"\xff"] {
-        let err = apply_to_bytes(&steps, bad).unwrap_err();
+        let err = apply_to_bytes(&steps, bad, u64::MAX).unwrap_err();
         assert!(matches!(err, BodyError::InvalidJson(_)));
         assert_eq!(err.to_string(), "response body is not valid json");
     }
@@ -644,10 +767,10 @@ fn deep_text_is_refused_by_the_parser() {
     let depth = 10_000;
     let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
     let steps = steps(r#"[{"drop_nulls": {}}]"#);
-    assert!(apply_to_bytes(&steps, text.as_bytes()).is_err());
+    assert!(apply_to_bytes(&steps, text.as_bytes(), u64::MAX).is_err());
 
     let text = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
-    assert!(apply_to_bytes(&steps, text.as_bytes()).is_err());
+    assert!(apply_to_bytes(&steps, text.as_bytes(), u64::MAX).is_err());
 }
 
 /// 10k levels built in code, past the parser's limit: no step may overflow
@@ -687,7 +810,7 @@ fn deep_values_do_not_overflow() {
             ("x", x),
         ]);
 
-        apply(std::slice::from_ref(step), &mut body);
+        apply(std::slice::from_ref(step), &mut body, u64::MAX).unwrap();
         ops::discard(body);
     }
 }
@@ -702,7 +825,9 @@ fn deep_values_left_alone_below_the_limit() {
     apply(
         &steps(r#"[{"case": {"to": "camel"}}, {"drop_nulls": {}}]"#),
         &mut body,
-    );
+        u64::MAX,
+    )
+    .unwrap();
 
     // The top levels changed; the part past the limit kept its keys and nulls.
     let mut node = &body;

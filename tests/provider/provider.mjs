@@ -25,10 +25,17 @@ const ACCESS_TOKEN_TTL = 600;
 // The client Gatehouse authenticates as when it calls introspection.
 const INTROSPECTOR = 'gatehouse';
 
+// Extra claims in the access tokens of some clients: the kiosk's tokens
+// name the profile it gets, for tests of a profile chosen by a claim.
+const TOKEN_CLAIMS = {
+  'demo-kiosk': { app_profile: 'partner' },
+};
+
 const CLIENTS = [
   ['demo-web', 'demo-web-secret'],
   ['demo-mobile', 'demo-mobile-secret'],
   ['demo-partner', 'demo-partner-secret'],
+  ['demo-kiosk', 'demo-kiosk-secret'],
   [INTROSPECTOR, 'gatehouse-introspection-secret'],
 ].map(([id, secret]) => ({
   client_id: id,
@@ -139,6 +146,7 @@ function buildProvider(issuer, jwks) {
     clients: CLIENTS,
     jwks,
     scopes: ['openid', ...SCOPES.split(' ')],
+    extraTokenClaims: (ctx, token) => TOKEN_CLAIMS[token.clientId],
     // Client credentials tokens live as long as their resource server says.
     ttl: {
       ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ACCESS_TOKEN_TTL,
@@ -209,8 +217,11 @@ function main() {
   //   GET  /__stats               how often the key set and introspection were called
   //   POST /__delay?ms=N          answer /jwks and introspection N ms late
   //   POST /__opaque_ttl?seconds=N  lifetime of opaque tokens issued from now on
+  //   POST /__introspection_status?code=N  answer introspection with status N
+  //                               and no body (0: answer normally)
   const stats = { jwks: 0, introspection: 0 };
   let delayMs = 0;
+  let introspectionStatus = 0;
   const server = createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://provider.invalid');
     const number = (name) => Number(url.searchParams.get(name) ?? 0);
@@ -229,13 +240,25 @@ function main() {
       res.end();
       return;
     }
+    if (url.pathname === '/__introspection_status' && req.method === 'POST') {
+      introspectionStatus = number('code');
+      res.end();
+      return;
+    }
 
     const slow = url.pathname === '/jwks' || url.pathname === '/token/introspection';
     if (url.pathname === '/jwks') {
       stats.jwks += 1;
       if (jwksMaxAge !== undefined) res.setHeader('cache-control', `max-age=${jwksMaxAge}`);
     }
-    if (url.pathname === '/token/introspection') stats.introspection += 1;
+    if (url.pathname === '/token/introspection') {
+      stats.introspection += 1;
+      if (introspectionStatus !== 0) {
+        res.statusCode = introspectionStatus;
+        res.end();
+        return;
+      }
+    }
     if (slow && delayMs > 0) {
       setTimeout(() => handle(req, res), delayMs);
       return;

