@@ -271,6 +271,25 @@ mod tests {
     use crate::config::{FailureMode, Limit, LimitAlgorithm};
     use crate::ratelimit::LimitStatus;
 
+    /// A policy of 10 a second and 100 a minute that fails closed.
+    fn edge_policy() -> RateLimitPolicy {
+        let limit = |requests, secs| Limit {
+            requests,
+            window: Duration::from_secs(secs),
+            burst: requests,
+        };
+        RateLimitPolicy {
+            tier_claim: None,
+            name: "edge".to_owned(),
+            algorithm: LimitAlgorithm::Gcra,
+            limits: vec![limit(10, 1), limit(100, 60)],
+            tiers: HashMap::new(),
+            failure_mode: FailureMode::Closed,
+            shadow: false,
+            x_ratelimit_headers: false,
+        }
+    }
+
     #[test]
     fn whole_units_map_to_envoys_and_others_are_unknown() {
         assert_eq!(unit(Duration::from_secs(1), 10), (Unit::Second, 10));
@@ -280,21 +299,7 @@ mod tests {
 
     #[test]
     fn a_status_reports_the_tightest_limit() {
-        let limit = |requests, secs| Limit {
-            requests,
-            window: Duration::from_secs(secs),
-            burst: requests,
-        };
-        let policy = RateLimitPolicy {
-            tier_claim: None,
-            name: "edge".to_owned(),
-            algorithm: LimitAlgorithm::Gcra,
-            limits: vec![limit(10, 1), limit(100, 60)],
-            tiers: HashMap::new(),
-            failure_mode: FailureMode::Closed,
-            shadow: false,
-            x_ratelimit_headers: false,
-        };
+        let policy = edge_policy();
         let verdict = Verdict {
             allowed: false,
             retry_after: Duration::from_secs(2),
@@ -329,21 +334,7 @@ mod tests {
     fn a_cost_beyond_every_burst_is_refused_before_the_store() {
         use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 
-        let limit = |requests, secs| Limit {
-            requests,
-            window: Duration::from_secs(secs),
-            burst: requests,
-        };
-        let policy = Arc::new(RateLimitPolicy {
-            tier_claim: None,
-            name: "edge".to_owned(),
-            algorithm: LimitAlgorithm::Gcra,
-            limits: vec![limit(10, 1), limit(100, 60)],
-            tiers: HashMap::new(),
-            failure_mode: FailureMode::Closed,
-            shadow: false,
-            x_ratelimit_headers: false,
-        });
+        let policy = Arc::new(edge_policy());
         let configured = [crate::config::Descriptor {
             domain: "edge".to_owned(),
             entries: vec![("remote_address".to_owned(), None)],

@@ -178,9 +178,9 @@ fn check_request(path: &str, address: &str) -> CheckRequest {
     }
 }
 
-/// Every key under Gatehouse's prefix on the Redis at `port`, with its TTL
-/// in ms (-1: none, -2: gone meanwhile).
-pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
+/// A connection to the Redis at `port`, and every key under Gatehouse's
+/// prefix there.
+async fn gatehouse_keys(port: u16) -> (redis::aio::MultiplexedConnection, Vec<String>) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
     let mut connection = client
         .get_multiplexed_async_connection()
@@ -192,6 +192,13 @@ pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
         .query_async(&mut connection)
         .await
         .expect("list keys");
+    (connection, keys)
+}
+
+/// Every key under Gatehouse's prefix on the Redis at `port`, with its TTL
+/// in ms (-1: none, -2: gone meanwhile).
+pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
+    let (mut connection, keys) = gatehouse_keys(port).await;
     let mut found = Vec::new();
     for key in keys {
         let ttl: i64 = redis::cmd("PTTL")
@@ -207,17 +214,7 @@ pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
 /// Every key under Gatehouse's prefix on the Redis at `port`, with its value
 /// (a GCRA key holds its TAT, a fixed-window key its count).
 pub async fn key_values(port: u16) -> HashMap<String, String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("gatehouse:rl:*")
-        .query_async(&mut connection)
-        .await
-        .expect("list keys");
+    let (mut connection, keys) = gatehouse_keys(port).await;
     let mut values = HashMap::new();
     for key in keys {
         let value: Option<String> = redis::cmd("GET")
