@@ -48,7 +48,7 @@ pub async fn decide(runtime: &Runtime, request: Request<'_>) -> Decision {
     metrics::check_decided(route, result.is_ok(), reason, started.elapsed());
 
     match result {
-        Ok(allow) => Decision::Allow(allow),
+        Ok(allow) => Decision::Allow(Box::new(allow)),
         Err(refusal) => {
             tracing::info!(authz.decision = "deny", authz.reason = refusal.code(), error = %refusal);
             Decision::Deny(refusal.into_deny(request.request_id))

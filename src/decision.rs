@@ -40,8 +40,9 @@ pub const IDENTITY_HEADERS: [&str; 5] = [
 /// What Check decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Forward the request, changed as described.
-    Allow(Allow),
+    /// Forward the request, changed as described. Boxed: an allow carries
+    /// several lists and the metadata, a denial only a status and a body.
+    Allow(Box<Allow>),
     /// Answer the client directly.
     Deny(Deny),
 }

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
+                for warning in config.rendered_warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: ok (version {})", file.display(), config.version);
                 ExitCode::SUCCESS
             }

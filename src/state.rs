@@ -88,6 +88,11 @@ impl State {
 }
 
 fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateError> {
+    // At start and at each reload: what loads but probably is not meant.
+    for warning in config.rendered_warnings() {
+        tracing::warn!(config.warning = %warning, "configuration loaded with a warning");
+    }
+
     let authn = match previous {
         Some(previous) if previous.authn.serves(&config.providers, &config.tokens) => {
             previous.authn.clone()

@@ -84,6 +84,39 @@ fn check_config_names_file_line_and_key() {
 }
 
 #[test]
+fn check_config_warns_of_a_public_limit_counted_by_the_tcp_peer() {
+    let (_, shipped) = check_config(&support::root().join("config/gatehouse.yaml"), &[]);
+    assert!(!shipped.contains("warning:"), "{shipped}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = shipped_config().replace("client_address_header: x-gatehouse-client-address", "");
+    assert!(!text.contains("client_address_header"), "the key is gone");
+    let path = write(dir.path(), "peer.yaml", &text);
+    let line = text
+        .lines()
+        .position(|l| l.trim() == "rate_limit: public")
+        .expect("the public route's limit")
+        + 1;
+
+    let (ok, output) = check_config(&path, &[]);
+
+    assert!(ok, "a warning does not fail the check: {output}");
+    let expected = format!("warning: {}:{line}: routes[", path.display());
+    assert!(
+        output.contains(&expected),
+        "expected {expected:?} in:\n{output}"
+    );
+    assert!(
+        output.contains("counts clients by the TCP peer"),
+        "{output}"
+    );
+    assert!(
+        output.contains("client_address_header is not set"),
+        "{output}"
+    );
+}
+
+#[test]
 fn check_config_reports_every_broken_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = shipped_config()

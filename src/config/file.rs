@@ -122,9 +122,10 @@ pub struct RedisSection {
     /// A `redis://` URL.
     pub url: Spanned<String>,
 
-    /// Budget for one Redis round trip, in milliseconds.
-    #[serde(default = "default_redis_timeout")]
-    pub timeout_ms: u64,
+    /// Budget for one Redis round trip, in milliseconds (default 20, at
+    /// most 500); with the slowest token check it must fit in a Check.
+    #[serde(default)]
+    pub timeout_ms: Option<Spanned<u64>>,
 
     /// Prefix of every key Gatehouse writes.
     #[serde(default = "default_key_prefix")]
@@ -133,10 +134,6 @@ pub struct RedisSection {
     /// `url` is one node of a Redis Cluster, which tells of the others.
     #[serde(default)]
     pub cluster: bool,
-}
-
-fn default_redis_timeout() -> u64 {
-    20
 }
 
 fn default_key_prefix() -> String {
@@ -434,7 +431,7 @@ pub struct RouteSection {
     /// Routes with the same group share counters; without one, a policy's
     /// counters are shared by every route that names it.
     #[serde(default)]
-    pub rate_limit_group: Option<String>,
+    pub rate_limit_group: Option<Spanned<String>>,
 
     /// The profile for clients that have none of their own.
     #[serde(default)]

@@ -37,8 +37,32 @@ const MAX_REQUESTS: u64 = 1_000_000_000;
 /// The longest window one limit may have.
 const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
 
+/// GCRA's horizon (burst × window / requests: how long a whole burst takes
+/// to come back) is at most this, so the scripts' microsecond arithmetic
+/// stays exact in Lua's doubles.
+const MAX_REFILL_SECONDS: u64 = 10 * 366 * 24 * 3600;
+
 /// A configuration larger than this is refused before it is parsed.
 const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Envoy's ext_authz timeout, `grpc_service.timeout` in `envoy/envoy.yaml`:
+/// every budget a Check may spend must fit in it, so that a slow part is
+/// answered by Gatehouse's own rule and not by Envoy giving up.
+pub const EXT_AUTHZ_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// What a Check keeps of [`EXT_AUTHZ_TIMEOUT`] for its own work and the hop
+/// from Envoy, beyond the budgets of its calls.
+const CHECK_HEADROOM: Duration = Duration::from_millis(100);
+
+/// The default budget of one Redis call.
+const DEFAULT_REDIS_TIMEOUT_MS: u64 = 20;
+
+/// The longest budget one Redis call may have: half of Envoy's ext_authz
+/// timeout, leaving the other half to the token checks.
+const MAX_REDIS_TIMEOUT_MS: u64 = 500;
+
+/// Policy, tier and route group names are at most this long.
+const MAX_NAME_CHARS: usize = 64;
 
 /// The configuration in force, compiled and validated.
 #[derive(Debug)]
@@ -78,6 +102,10 @@ pub struct Config {
 
     /// Descriptors that Envoy's rate-limit service API answers for.
     pub descriptors: Vec<Descriptor>,
+
+    /// Settings that load but probably do not do what was meant;
+    /// `check-config` prints them and `serve` logs them.
+    pub warnings: Vec<Problem>,
 
     /// The header holding the client address Envoy established, lower case;
     /// the TCP peer Envoy reports is used when `None`.
@@ -343,6 +371,14 @@ impl Config {
         self.profiles.get(name)
     }
 
+    /// The warnings as `file:line: key: message`, to print or log.
+    pub fn rendered_warnings(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|warning| render_problem(&self.path, warning))
+            .collect()
+    }
+
     /// The reshape steps for a profile on a route, if that profile shapes it.
     pub fn steps(&self, profile: &str, route: &str) -> Option<Arc<[Step]>> {
         self.profiles.get(profile)?.routes.get(route).cloned()
@@ -394,19 +430,22 @@ pub enum ConfigError {
 fn render_problems(path: &Path, problems: &[Problem]) -> String {
     let lines: Vec<String> = problems
         .iter()
-        .map(|problem| match problem.line {
-            Some(line) => {
-                format!(
-                    "{}:{line}: {}: {}",
-                    path.display(),
-                    problem.key,
-                    problem.message
-                )
-            }
-            None => format!("{}: {}: {}", path.display(), problem.key, problem.message),
-        })
+        .map(|problem| render_problem(path, problem))
         .collect();
     lines.join("\n")
+}
+
+/// `file:line: key: message`, or `file: key: message` without a line.
+fn render_problem(path: &Path, problem: &Problem) -> String {
+    match problem.line {
+        Some(line) => format!(
+            "{}:{line}: {}: {}",
+            path.display(),
+            problem.key,
+            problem.message
+        ),
+        None => format!("{}: {}: {}", path.display(), problem.key, problem.message),
+    }
 }
 
 // === loading ===
@@ -560,17 +599,9 @@ fn compile(
 
     let providers = providers::compile_providers(raw.provider, raw.providers, &mut problems);
     let tokens = providers::compile_tokens(raw.tokens, &mut problems);
-    let redis = raw.redis.map(|redis| {
-        // TODO: TLS to Redis (`rediss://`) is not built in yet, so only plain
-        // connections are accepted; use a local TLS tunnel meanwhile.
-        check_url(&redis.url, &["redis"], "redis.url", &mut problems);
-        Redis {
-            url: redis.url.value,
-            timeout: Duration::from_millis(redis.timeout_ms),
-            key_prefix: redis.key_prefix,
-            cluster: redis.cluster,
-        }
-    });
+    let redis = raw
+        .redis
+        .map(|redis| compile_redis(redis, &providers, &mut problems));
 
     let rate_limits: HashMap<String, Arc<RateLimitPolicy>> = raw
         .rate_limits
@@ -596,9 +627,11 @@ fn compile(
         rate_limits: &rate_limits,
         profiles: &profile_names,
         upstream: upstream.as_deref(),
+        counts_by_peer: raw.client_address_header.is_none(),
         forwarded: &tokens.forward,
     };
-    let routes = compile_routes(raw.routes, &context, &mut problems);
+    let mut warnings = Problems(Vec::new());
+    let routes = compile_routes(raw.routes, &context, &mut problems, &mut warnings);
     let opaque_route = routes
         .iter()
         .any(|r| r.token_kinds.contains(&TokenKind::Opaque));
@@ -696,10 +729,69 @@ fn compile(
         clients,
         routes,
         descriptors,
+        warnings: warnings.0,
         client_address_header: raw
             .client_address_header
             .map(|header| header.to_ascii_lowercase()),
     })
+}
+
+fn compile_redis(
+    raw: file::RedisSection,
+    providers: &[Provider],
+    problems: &mut Problems,
+) -> Redis {
+    // TODO: TLS to Redis (`rediss://`) is not built in yet, so only plain
+    // connections are accepted; use a local TLS tunnel meanwhile.
+    check_url(&raw.url, &["redis"], "redis.url", problems);
+
+    // The Redis budget and the slowest token check can both fall in one
+    // Check, so together they must end before Envoy gives up on it.
+    let millis = raw
+        .timeout_ms
+        .as_ref()
+        .map_or(DEFAULT_REDIS_TIMEOUT_MS, |timeout| timeout.value);
+    let location = raw.timeout_ms.as_ref().map(|timeout| &timeout.referenced);
+    let timeout = Duration::from_millis(millis);
+    let room = EXT_AUTHZ_TIMEOUT - CHECK_HEADROOM;
+    if millis == 0 || millis > MAX_REDIS_TIMEOUT_MS {
+        let message = format!("must be between 1 and {MAX_REDIS_TIMEOUT_MS}");
+        problems.add(location, "redis.timeout_ms", message);
+    } else if let Some((token, why)) = providers::slowest_token_check(providers)
+        && timeout + token > room
+    {
+        let message = format!(
+            "{millis} ms plus the slowest token check ({} ms: {why}) is more than the {} ms \
+             a Check may spend inside Envoy's {} ms ext_authz timeout",
+            token.as_millis(),
+            room.as_millis(),
+            EXT_AUTHZ_TIMEOUT.as_millis(),
+        );
+        problems.add(location, "redis.timeout_ms", message);
+    }
+
+    Redis {
+        url: raw.url.value,
+        timeout,
+        key_prefix: raw.key_prefix,
+        cluster: raw.cluster,
+    }
+}
+
+/// A name that travels in Redis keys and in quoted header strings: ASCII
+/// letters, digits, `_`, `.` and `-`, and not `_` alone, which keys use for
+/// "none".
+fn check_name(name: &str, key: &str, location: Option<&Location>, problems: &mut Problems) {
+    let safe = name
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte));
+    if name.is_empty() || name == "_" || name.chars().count() > MAX_NAME_CHARS || !safe {
+        let message = format!(
+            "{name:?} is not a valid name: use 1 to {MAX_NAME_CHARS} of A-Z, a-z, 0-9, '_', '.' \
+             and '-' (not '_' alone)"
+        );
+        problems.add(location, key, message);
+    }
 }
 
 /// What routes may refer to.
@@ -707,6 +799,8 @@ struct RouteContext<'a> {
     rate_limits: &'a HashMap<String, Arc<RateLimitPolicy>>,
     profiles: &'a HashSet<String>,
     upstream: Option<&'a str>,
+    /// No `client_address_header`: public routes count by the TCP peer.
+    counts_by_peer: bool,
     /// The identity headers `tokens.forward` names.
     forwarded: &'a Forward,
 }
@@ -715,6 +809,7 @@ fn compile_routes(
     raw: Vec<RouteSection>,
     context: &RouteContext<'_>,
     problems: &mut Problems,
+    warnings: &mut Problems,
 ) -> Vec<Route> {
     let (rate_limits, profiles) = (context.rate_limits, context.profiles);
     let mut names = HashSet::new();
@@ -777,6 +872,17 @@ fn compile_routes(
             }
             policy
         });
+        if let Some(name) = &section.rate_limit
+            && section.public
+            && context.counts_by_peer
+        {
+            // Behind a load balancer the peer is the balancer: one budget
+            // for every client of the route.
+            let message = "this public route counts clients by the TCP peer Envoy reports, \
+                           because client_address_header is not set; behind a load balancer \
+                           or proxy all its clients share one budget";
+            warnings.add(Some(&name.referenced), key("rate_limit"), message);
+        }
         let cost = section
             .rate_limit_cost
             .as_ref()
@@ -789,10 +895,17 @@ fn compile_routes(
                 problems,
             );
         }
+        if let Some(group) = &section.rate_limit_group {
+            let location = Some(&group.referenced);
+            check_name(&group.value, &key("rate_limit_group"), location, problems);
+        }
         let rate_limit = policy.map(|policy| RouteLimit {
             policy,
             cost,
-            group: section.rate_limit_group.clone(),
+            group: section
+                .rate_limit_group
+                .as_ref()
+                .map(|group| group.value.clone()),
         });
 
         if let Some(profile) = &section.profile
@@ -1038,6 +1151,7 @@ fn compile_policy(
 ) -> RateLimitPolicy {
     let key = |field: &str| format!("rate_limits.{name}.{field}");
     let algorithm = raw.algorithm;
+    check_name(name, &format!("rate_limits.{name}"), None, problems);
 
     // One limit inline, or a list under `limits`, never both.
     let inline = match (raw.requests, raw.window_seconds) {
@@ -1077,6 +1191,8 @@ fn compile_policy(
     for (tier, section) in raw.tiers {
         let tier_key = key(&format!("tiers.{tier}.limits"));
         let list = &section.limits;
+        let location = Some(&list.referenced);
+        check_name(&tier, &key(&format!("tiers.{tier}")), location, problems);
         let limits = compile_limits(
             algorithm,
             &list.value,
@@ -1133,6 +1249,15 @@ fn compile_limits(
             window: Duration::from_secs(section.window_seconds.get()),
             burst: section.burst.unwrap_or(section.requests).get(),
         };
+        let refill = u128::from(limit.burst) * u128::from(section.window_seconds.get())
+            / u128::from(limit.requests);
+        if refill > u128::from(MAX_REFILL_SECONDS) {
+            let message = format!(
+                "burst × window_seconds / requests (how long a whole burst takes to come \
+                 back) must be at most {MAX_REFILL_SECONDS} seconds (ten years)"
+            );
+            problems.add(location, key, message);
+        }
 
         // The window names the counter, so two limits cannot share one.
         if limits.iter().any(|other| other.window == limit.window) {

@@ -18,6 +18,41 @@ const MAX_FETCH_TIMEOUT_MS: u64 = 400;
 /// The longest introspection call allowed, under Envoy's 1 s timeout.
 const MAX_INTROSPECTION_MS: u64 = 800;
 
+/// The longest a Check may wait for one provider, and why: an unknown `kid`
+/// costs a JWKS fetch, after a discovery fetch when discovery is used; an
+/// opaque token costs one introspection call. The slowest provider counts.
+pub(super) fn slowest_token_check(providers: &[Provider]) -> Option<(Duration, String)> {
+    let mut slowest: Option<(Duration, String)> = None;
+
+    for provider in providers {
+        let discovers = provider.jwks_uri.is_none()
+            || provider
+                .introspection
+                .as_ref()
+                .is_some_and(|introspection| introspection.endpoint.is_none());
+        let (fetches, what) = if discovers {
+            (2, "discovery and JWKS fetched in a row")
+        } else {
+            (1, "a JWKS fetch")
+        };
+        let mut worst = (provider.fetch_timeout * fetches, what);
+        if let Some(introspection) = &provider.introspection
+            && introspection.timeout > worst.0
+        {
+            worst = (introspection.timeout, "an introspection call");
+        }
+
+        if slowest
+            .as_ref()
+            .is_none_or(|(longest, _)| worst.0 > *longest)
+        {
+            let why = format!("{} at {}", worst.1, provider.issuer);
+            slowest = Some((worst.0, why));
+        }
+    }
+    slowest
+}
+
 /// The most clock skew a provider may be granted: five minutes is already
 /// generous, and the time checks subtract it from the clock.
 pub const MAX_LEEWAY_SECONDS: u64 = 300;

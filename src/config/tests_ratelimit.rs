@@ -155,3 +155,185 @@ fn costs_tiers_and_descriptors_must_name_what_exists() {
         "{err}"
     );
 }
+
+/// A file with one public, rate-limited route, `redis` as the body of its
+/// `redis:` section and `provider` as the body of its `provider:` section.
+fn budgets(redis: &str, provider: &str) -> String {
+    format!(
+        "provider:
+  issuer: http://127.0.0.1:3000
+  audiences: [a]
+{provider}
+redis:
+  url: redis://127.0.0.1:7000
+{redis}
+client_address_header: x-client-address
+rate_limits:
+  p: {{requests: 5, window_seconds: 1}}
+routes:
+  - {{name: r, prefix: /r, public: true, rate_limit: p}}
+"
+    )
+}
+
+#[test]
+fn the_redis_budget_is_bounded_and_fits_with_the_token_checks_in_a_check() {
+    let config = load(&budgets("", "")).expect("the default budget");
+    let redis = config.redis.expect("redis");
+    assert_eq!(redis.timeout, Duration::from_millis(20));
+
+    for bad in [0, 501] {
+        let err = problems(&budgets(&format!("  timeout_ms: {bad}"), ""));
+        assert!(
+            err.contains("gatehouse.yaml:7: redis.timeout_ms: must be between 1 and 500"),
+            "{bad}: {err}"
+        );
+    }
+
+    // Discovery and JWKS at 300 ms each, then 500 ms for Redis: 1100 ms.
+    let err = problems(&budgets("  timeout_ms: 500", ""));
+    assert!(
+        err.contains("gatehouse.yaml:7: redis.timeout_ms: 500 ms"),
+        "{err}"
+    );
+    assert!(
+        err.contains("slowest token check (600 ms: discovery and JWKS"),
+        "{err}"
+    );
+    assert!(err.contains("Envoy's 1000 ms ext_authz timeout"), "{err}");
+
+    // Faster fetches, or one fetch with `jwks_uri`, leave room for 500 ms.
+    let fast = budgets("  timeout_ms: 500", "  fetch_timeout_ms: 200");
+    assert_eq!(
+        load(&fast)
+            .expect("200 + 200 + 500")
+            .redis
+            .expect("redis")
+            .timeout,
+        Duration::from_millis(500)
+    );
+    let direct = "  jwks_uri: http://127.0.0.1:3000/jwks";
+    load(&budgets("  timeout_ms: 500", direct)).expect("300 + 500");
+
+    // The longest introspection call with more than 100 ms for Redis.
+    let introspection = "  jwks_uri: http://127.0.0.1:3000/jwks
+  introspection:
+    endpoint: http://127.0.0.1:3000/introspect
+    client_id: gatehouse
+    client_secret: secret
+    timeout_ms: 800";
+    load(&budgets("  timeout_ms: 100", introspection)).expect("800 + 100");
+    let err = problems(&budgets("  timeout_ms: 101", introspection));
+    assert!(
+        err.contains("slowest token check (800 ms: an introspection call"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_assumed_ext_authz_timeout_is_the_one_envoy_is_given() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml");
+    let envoy = std::fs::read_to_string(path).expect("envoy/envoy.yaml");
+
+    let filter = envoy
+        .split("- name: envoy.filters.http.ext_authz")
+        .nth(1)
+        .expect("the ext_authz filter");
+    let timeout = filter
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("timeout: "))
+        .expect("its grpc_service timeout");
+    let assumed = format!("{}s", super::EXT_AUTHZ_TIMEOUT.as_secs());
+    assert_eq!(timeout, assumed);
+}
+
+#[test]
+fn names_in_keys_and_headers_are_plain_tokens() {
+    let cases = [
+        (
+            "  \"a b\": {requests: 5, window_seconds: 1}",
+            "",
+            "rate_limits.a b: \"a b\" is not a valid name",
+        ),
+        (
+            "  'x\";q=9': {requests: 5, window_seconds: 1}",
+            "",
+            "is not a valid name",
+        ),
+        (
+            "  p:
+    requests: 5
+    window_seconds: 1
+    tiers:
+      \"gold|1\": {limits: [{requests: 9, window_seconds: 1}]}",
+            "",
+            "rate_limits.p.tiers.gold|1: \"gold|1\" is not a valid name",
+        ),
+        (
+            "  p: {requests: 5, window_seconds: 1}",
+            "    rate_limit: p\n    rate_limit_group: \"w}\"",
+            "routes[0].rate_limit_group: \"w}\" is not a valid name",
+        ),
+        (
+            "  p: {requests: 5, window_seconds: 1}",
+            "    rate_limit: p\n    rate_limit_group: _",
+            "(not '_' alone)",
+        ),
+    ];
+    for (policy, route, expected) in cases {
+        let err = problems(&file(policy, "", route));
+        assert!(err.contains(expected), "{policy} {route}: {err}");
+    }
+
+    let good = file(
+        "  api.v2-read_only: {requests: 5, window_seconds: 1}",
+        "",
+        "    rate_limit: api.v2-read_only\n    rate_limit_group: writes.eu-1",
+    );
+    load(&good).expect("letters, digits, '_', '.' and '-' are fine");
+}
+
+#[test]
+fn a_burst_that_takes_more_than_ten_years_to_come_back_is_refused() {
+    let err = problems(&file(
+        "  p: {requests: 1, window_seconds: 31536000, burst: 11}",
+        "",
+        "",
+    ));
+    assert!(err.contains("rate_limits.p.limits"), "{err}");
+    assert!(err.contains("must be at most 316224000 seconds"), "{err}");
+
+    load(&file(
+        "  p: {requests: 1, window_seconds: 31536000, burst: 10}",
+        "",
+        "",
+    ))
+    .expect("ten bursts of a year");
+}
+
+#[test]
+fn a_public_limit_without_the_client_address_header_is_warned_about() {
+    let counted = "    rate_limit: p";
+    let text = file("  p: {requests: 5, window_seconds: 1}", "", counted);
+    let config = load(&text).expect("valid, with a warning");
+    let warnings = config.rendered_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("gatehouse.yaml:14: routes[0].rate_limit: this public route"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].contains("client_address_header"),
+        "{warnings:?}"
+    );
+
+    let with_header = file(
+        "  p: {requests: 5, window_seconds: 1}",
+        "client_address_header: x-client-address",
+        counted,
+    );
+    assert!(load(&with_header).expect("valid").warnings.is_empty());
+
+    let unlimited = file("  p: {requests: 5, window_seconds: 1}", "", "");
+    assert!(load(&unlimited).expect("valid").warnings.is_empty());
+}

@@ -80,7 +80,7 @@ impl Authorization for AuthorizationService {
 
 fn to_check_response(decision: Decision) -> CheckResponse {
     match decision {
-        Decision::Allow(allow) => allowed(allow),
+        Decision::Allow(allow) => allowed(*allow),
         Decision::Deny(deny) => denied(deny),
     }
 }

@@ -6,7 +6,13 @@
 //! configured value wherever one is given. The request's values then name
 //! the counter, so each distinct value (an address, a path) counts apart.
 
+use std::fmt::Write;
+
 use crate::config::Descriptor;
+
+/// Characters that separate the parts of a descriptor's client key, and `%`
+/// itself; each is written as `%XX` inside a domain, key or value.
+const SEPARATORS: &[char] = &['%', ',', '=', ':', '{', '}', '|'];
 
 /// The first configured descriptor matching `entries` in `domain`, and the
 /// client key its counters use.
@@ -27,8 +33,28 @@ pub fn find<'a>(
                 })
     })?;
 
-    let values: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    Some((descriptor, format!("rls:{domain}:{}", values.join(","))))
+    // Escaped, so that `,` `=` and `:` inside a value cannot make two value
+    // sets spell one key.
+    let values: Vec<String> = entries
+        .iter()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+        .collect();
+    let key = format!("rls:{}:{}", escape(domain), values.join(","));
+    Some((descriptor, key))
+}
+
+/// `text` with every separator written as `%` and its two hex digits.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if SEPARATORS.contains(&c) {
+            // Writing to a String cannot fail.
+            let _ = write!(escaped, "%{:02X}", u32::from(c));
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -41,6 +67,10 @@ mod tests {
     use crate::config::{FailureMode, Limit, LimitAlgorithm, RateLimitPolicy};
 
     fn descriptor(entries: &[(&str, Option<&str>)]) -> Descriptor {
+        descriptor_in("edge", entries)
+    }
+
+    fn descriptor_in(domain: &str, entries: &[(&str, Option<&str>)]) -> Descriptor {
         let policy = RateLimitPolicy {
             tier_claim: None,
             name: "edge".to_owned(),
@@ -56,7 +86,7 @@ mod tests {
             x_ratelimit_headers: false,
         };
         Descriptor {
-            domain: "edge".to_owned(),
+            domain: domain.to_owned(),
             entries: entries
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned)))
@@ -114,5 +144,34 @@ mod tests {
             .is_none()
         );
         assert!(find(&configured, "edge", &entries(&[("path", "/a")])).is_none());
+    }
+
+    #[test]
+    fn separators_inside_values_cannot_make_two_value_sets_share_a_counter() {
+        // Both descriptors count with one policy, so only the key tells
+        // their counters apart.
+        let configured = [
+            descriptor(&[("a", None)]),
+            descriptor(&[("a", None), ("b", None)]),
+            descriptor_in("edge:a=1", &[("b", None)]),
+        ];
+        let key = |domain: &str, pairs: &[(&str, &str)]| {
+            find(&configured, domain, &entries(pairs)).map(|(_, key)| key)
+        };
+
+        let one = key("edge", &[("a", "1,b=2")]).expect("first descriptor");
+        let two = key("edge", &[("a", "1"), ("b", "2")]).expect("second descriptor");
+        assert_ne!(one, two);
+        assert_eq!(one, "rls:edge:a=1%2Cb%3D2");
+        assert_eq!(two, "rls:edge:a=1,b=2");
+
+        // A separator in the domain cannot pass for one either.
+        let three = key("edge:a=1", &[("b", "2")]).expect("third descriptor");
+        assert_eq!(three, "rls:edge%3Aa%3D1:b=2");
+        assert_ne!(three, key("edge", &[("a", "1:b=2")]).expect("first"));
+
+        // `%` itself is escaped, so an escape cannot be forged.
+        let percent = key("edge", &[("a", "1%2Cb%3D2")]).expect("first descriptor");
+        assert_ne!(percent, one);
     }
 }

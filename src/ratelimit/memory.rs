@@ -68,6 +68,23 @@ impl MemoryStore {
     }
 }
 
+#[cfg(test)]
+impl MemoryStore {
+    /// Every live counter's count and expiry, to see what a decision wrote.
+    pub(super) fn snapshot(&self) -> HashMap<String, (u64, Instant)> {
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let now = Instant::now();
+        counters
+            .iter()
+            .filter(|(_, counter)| counter.expires > now)
+            .map(|(key, counter)| (key.clone(), (counter.count, counter.expires)))
+            .collect()
+    }
+}
+
 /// GCRA: a counter lapses at the limit's theoretical arrival time.
 fn gcra(
     now: Instant,

@@ -164,6 +164,10 @@ pub enum StoreError {
     /// Redis answered something the scripts never return.
     #[error("rate limit store gave an unexpected answer")]
     BadReply,
+
+    /// The thread that talks to Redis stopped before the call ended.
+    #[error("rate limit store stopped")]
+    Stopped,
 }
 
 impl StoreError {
@@ -175,7 +179,7 @@ impl StoreError {
             Self::Redis(err) => {
                 err.is_timeout() || err.is_connection_dropped() || err.is_io_error()
             }
-            Self::BadReply => false,
+            Self::BadReply | Self::Stopped => false,
         }
     }
 }
@@ -199,7 +203,7 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// When the Redis URL cannot be parsed.
+    /// When the Redis URL cannot be parsed, or Redis's thread cannot start.
     pub fn new(redis: Option<&config::Redis>) -> Result<Self, ::redis::RedisError> {
         let store = match redis {
             Some(redis) => Store::Redis(RedisStore::new(redis)?),

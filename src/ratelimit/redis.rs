@@ -5,15 +5,21 @@
 //! connection for a Cluster; both multiplex every request over one
 //! connection per node). A request never waits for a connection: each call
 //! has its own time budget, well inside Envoy's ext_authz timeout.
+//!
+//! Every Redis call runs on a runtime of its own, one thread, so that the
+//! budget measures Redis and not Gatehouse's run queue: on the shared
+//! runtime, a burst of Checks kept the task that reads Redis's replies
+//! waiting for its turn long after Redis had answered.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Script};
+use redis::{Client, Cmd, ErrorKind, Script, ServerErrorKind};
+use tokio::runtime::Runtime;
 use tracing::Instrument;
 
 use super::memory::interval;
@@ -39,11 +45,26 @@ enum Target {
     Cluster(Box<ClusterClient>),
 }
 
+/// A Lua script with its SHA1, as `EVALSHA` names it.
+struct Lua {
+    body: &'static str,
+    hash: String,
+}
+
+impl Lua {
+    fn new(body: &'static str) -> Self {
+        let hash = Script::new(body).get_hash().to_owned();
+        Self { body, hash }
+    }
+}
+
 /// Rate-limit counters in Redis.
 pub struct RedisStore {
+    /// Runs the connection and every call; shut down when the store goes.
+    io: Option<Runtime>,
     connection: Arc<ArcSwapOption<Connection>>,
-    gcra: Script,
-    fixed_window: Script,
+    gcra: Arc<Lua>,
+    fixed_window: Arc<Lua>,
     timeout: Duration,
     key_prefix: String,
 }
@@ -53,7 +74,7 @@ impl RedisStore {
     ///
     /// # Errors
     ///
-    /// When the URL cannot be parsed.
+    /// When the URL cannot be parsed, or the Redis thread cannot start.
     pub fn new(redis: &config::Redis) -> Result<Self, redis::RedisError> {
         let connect_timeout = redis.timeout.max(MIN_CONNECT_TIMEOUT);
         let target = if redis.cluster {
@@ -69,13 +90,21 @@ impl RedisStore {
             Target::Standalone(Client::open(redis.url.as_str())?)
         };
 
+        // The redis crate spawns its connection tasks on the runtime that
+        // makes the connection, so they live on this one too.
+        let io = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("gatehouse-redis")
+            .enable_all()
+            .build()?;
         let connection = Arc::new(ArcSwapOption::empty());
-        tokio::spawn(connect(target, connect_timeout, connection.clone()));
+        io.spawn(connect(target, connect_timeout, connection.clone()));
 
         Ok(Self {
+            io: Some(io),
             connection,
-            gcra: Script::new(scripts::GCRA),
-            fixed_window: Script::new(scripts::FIXED_WINDOW),
+            gcra: Arc::new(Lua::new(scripts::GCRA)),
+            fixed_window: Arc::new(Lua::new(scripts::FIXED_WINDOW)),
             timeout: redis.timeout,
             key_prefix: redis.key_prefix.clone(),
         })
@@ -88,59 +117,101 @@ impl RedisStore {
 
     /// Decides `query` in one round trip: one script over every limit.
     pub async fn check(&self, query: &Query<'_>) -> Result<Verdict, StoreError> {
-        let Some(connection) = self.connection.load_full() else {
+        let (Some(io), Some(connection)) = (&self.io, self.connection.load_full()) else {
             return Err(StoreError::NotConnected);
         };
         let algorithm = query.policy.algorithm;
         let limits = query.limits();
 
-        // Build the invocation: one key per limit, two numbers per limit.
+        // The script's arguments: one key per limit, the cost, then two
+        // numbers per limit.
         let script = match algorithm {
-            LimitAlgorithm::Gcra => &self.gcra,
-            LimitAlgorithm::FixedWindow => &self.fixed_window,
+            LimitAlgorithm::Gcra => self.gcra.clone(),
+            LimitAlgorithm::FixedWindow => self.fixed_window.clone(),
         };
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(query.cost);
+        let keys: Vec<String> = limits
+            .iter()
+            .map(|limit| keys::counter(&self.key_prefix, &query.subject, algorithm, limit))
+            .collect();
+        let mut args = Vec::with_capacity(1 + 2 * limits.len());
+        args.push(query.cost);
         for limit in limits {
-            invocation.key(keys::counter(
-                &self.key_prefix,
-                &query.subject,
-                algorithm,
-                limit,
-            ));
             match algorithm {
                 LimitAlgorithm::Gcra => {
                     let micros = u64::try_from(interval(limit).as_micros()).unwrap_or(u64::MAX);
-                    invocation.arg(micros).arg(limit.burst)
+                    args.extend([micros, limit.burst]);
                 }
                 LimitAlgorithm::FixedWindow => {
                     let millis = u64::try_from(limit.window.as_millis()).unwrap_or(u64::MAX);
-                    invocation.arg(limit.requests).arg(millis)
+                    args.extend([limit.requests, millis]);
                 }
-            };
+            }
         }
 
-        let call = async {
-            match (*connection).clone() {
-                Connection::Standalone(mut conn) => invoke(&invocation, &mut conn).await,
-                Connection::Cluster(mut conn) => invoke(&invocation, &mut conn).await,
-            }
+        // The budget runs on the Redis thread, whose clock and turn are not
+        // held up by other Checks.
+        let budget = self.timeout;
+        let call = async move {
+            let call = run(&connection, &script, &keys, &args);
+            tokio::time::timeout(budget, call)
+                .await
+                .map_err(|_| StoreError::Timeout)?
         };
         let span = tracing::debug_span!("redis.evalsha", ratelimit.policy = %query.policy.name);
-        let reply = tokio::time::timeout(self.timeout, call)
-            .instrument(span)
+        let reply = io
+            .spawn(call.instrument(span))
             .await
-            .map_err(|_| StoreError::Timeout)??;
+            .map_err(|_| StoreError::Stopped)??;
 
         verdict(&reply, limits)
     }
 }
 
-async fn invoke(
-    invocation: &redis::ScriptInvocation<'_>,
-    connection: &mut impl ConnectionLike,
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its tasks, which an async context
+        // may not do; the calls in flight end with the store.
+        if let Some(io) = self.io.take() {
+            io.shutdown_background();
+        }
+    }
+}
+
+/// Runs `script` by its hash. When Redis has lost it (a restart, a failover,
+/// `SCRIPT FLUSH`), `EVAL` sends the body, which runs it and caches it again
+/// in one command, so a flush can never fall between a load and its use.
+async fn run(
+    connection: &Connection,
+    script: &Lua,
+    keys: &[String],
+    args: &[u64],
 ) -> Result<Vec<i64>, StoreError> {
-    Ok(invocation.invoke_async::<Vec<i64>>(connection).await?)
+    let command = |name: &str, script: &str| {
+        let mut command = Cmd::new();
+        command
+            .arg(name)
+            .arg(script)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        command
+    };
+
+    let by_hash = command("EVALSHA", &script.hash);
+    match query(connection, &by_hash).await {
+        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            tracing::debug!("script not cached in redis; sending it whole");
+            Ok(query(connection, &command("EVAL", script.body)).await?)
+        }
+        reply => Ok(reply?),
+    }
+}
+
+async fn query(connection: &Connection, command: &Cmd) -> redis::RedisResult<Vec<i64>> {
+    match connection.clone() {
+        Connection::Standalone(mut conn) => command.query_async(&mut conn).await,
+        Connection::Cluster(mut conn) => command.query_async(&mut conn).await,
+    }
 }
 
 /// Reads the scripts' reply: `{allowed, retry ms, (remaining, reset ms)…}`.

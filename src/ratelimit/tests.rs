@@ -109,6 +109,65 @@ async fn several_limits_are_all_or_nothing_with_the_longest_wait() {
     }
 }
 
+fn counters(limiter: &Limiter) -> HashMap<String, (u64, tokio::time::Instant)> {
+    match &limiter.store {
+        Store::Memory(store) => store.snapshot(),
+        Store::Redis(_) => panic!("a memory limiter"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_limits_refusing_at_once_wait_for_the_longer_and_consume_nothing() {
+    // 2 a second and 2 a minute: after two requests both refuse.
+    for (algorithm, longer) in [
+        // The minute's window ends in 60 s.
+        (LimitAlgorithm::FixedWindow, Duration::from_secs(60)),
+        // One request of the minute's comes back every 30 s.
+        (LimitAlgorithm::Gcra, Duration::from_secs(30)),
+    ] {
+        let limiter = memory();
+        let policy = policy(algorithm, vec![limit(2, 1, 2), limit(2, 60, 2)]);
+
+        assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+        assert!(decide(&limiter, &policy, "c", 1).await.allowed);
+        let before = counters(&limiter);
+        assert_eq!(before.len(), 2, "{algorithm:?}: one counter per limit");
+
+        let refused = decide(&limiter, &policy, "c", 1).await;
+        assert!(!refused.allowed, "{algorithm:?}");
+        assert_eq!(
+            refused.retry_after, longer,
+            "{algorithm:?}: not the second's"
+        );
+        assert!(refused.limits.iter().all(|status| status.remaining == 0));
+        assert_eq!(
+            counters(&limiter),
+            before,
+            "{algorithm:?}: nothing consumed"
+        );
+
+        // A second on, the second's limit admits again but the minute's
+        // still refuses, and the wait is what is left of the minute's.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let refused = decide(&limiter, &policy, "c", 1).await;
+        assert!(!refused.allowed, "{algorithm:?}");
+        assert_eq!(refused.retry_after, longer - Duration::from_secs(1));
+        assert_eq!(
+            counters(&limiter).len(),
+            1,
+            "{algorithm:?}: the second's lapsed"
+        );
+
+        // Once the minute's wait is over, one more is admitted: the two
+        // refusals took nothing from it.
+        tokio::time::advance(longer - Duration::from_secs(1)).await;
+        assert!(
+            decide(&limiter, &policy, "c", 1).await.allowed,
+            "{algorithm:?}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn clients_tiers_and_groups_count_separately() {
     let limiter = memory();

@@ -25,7 +25,9 @@ pub const FALLBACK_LOG: &str = "policy failure mode applied";
 
 /// A Gatehouse configuration for rate-limit tests: no token routes, so no
 /// provider is needed (its address is a closed port and only its key
-/// refresh complains). `redis` is the body of the `redis:` section.
+/// refresh complains). `redis` is the body of the `redis:` section. The
+/// provider's fetches are short so that Redis budgets up to the largest
+/// allowed (500 ms) still fit in a Check with them.
 pub fn config(redis: &str, rate_limits: &str, routes: &str) -> String {
     format!(
         "server:
@@ -35,6 +37,7 @@ pub fn config(redis: &str, rate_limits: &str, routes: &str) -> String {
 provider:
   issuer: http://127.0.0.1:9
   audiences: [https://api.gatehouse.test]
+  fetch_timeout_ms: 100
 client_address_header: x-gatehouse-client-address
 redis:
 {redis}
@@ -175,9 +178,9 @@ fn check_request(path: &str, address: &str) -> CheckRequest {
     }
 }
 
-/// Every key under Gatehouse's prefix on the Redis at `port`, with its TTL
-/// in ms (-1: none, -2: gone meanwhile).
-pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
+/// A connection to the Redis at `port`, and every key under Gatehouse's
+/// prefix there.
+async fn gatehouse_keys(port: u16) -> (redis::aio::MultiplexedConnection, Vec<String>) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("redis url");
     let mut connection = client
         .get_multiplexed_async_connection()
@@ -189,6 +192,13 @@ pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
         .query_async(&mut connection)
         .await
         .expect("list keys");
+    (connection, keys)
+}
+
+/// Every key under Gatehouse's prefix on the Redis at `port`, with its TTL
+/// in ms (-1: none, -2: gone meanwhile).
+pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
+    let (mut connection, keys) = gatehouse_keys(port).await;
     let mut found = Vec::new();
     for key in keys {
         let ttl: i64 = redis::cmd("PTTL")
@@ -199,6 +209,24 @@ pub async fn keys_with_ttl(port: u16) -> Vec<(String, i64)> {
         found.push((key, ttl));
     }
     found
+}
+
+/// Every key under Gatehouse's prefix on the Redis at `port`, with its value
+/// (a GCRA key holds its TAT, a fixed-window key its count).
+pub async fn key_values(port: u16) -> HashMap<String, String> {
+    let (mut connection, keys) = gatehouse_keys(port).await;
+    let mut values = HashMap::new();
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .expect("get");
+        if let Some(value) = value {
+            values.insert(key, value);
+        }
+    }
+    values
 }
 
 /// Fails when any key Gatehouse wrote on these Redis nodes lacks a TTL;
