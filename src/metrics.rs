@@ -4,9 +4,10 @@
 //!
 //! Recording goes through the `metrics` facade: with no recorder installed
 //! (unit tests, no `metrics_listen`) it does nothing; with one, it is a
-//! lookup in the recorder's registry and an atomic add, never I/O or an
-//! await. Labels come from the configuration or the code (route, policy,
-//! reason), never from a request: no client id, token or path.
+//! lookup in the recorder's sharded registry (written only when a series
+//! first appears) and an atomic add, never I/O or an await. Labels come
+//! from the configuration or the code (route, policy, reason), never from
+//! a request: no client id, token or path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

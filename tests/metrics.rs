@@ -38,6 +38,12 @@ async fn scrape_counts_what_was_allowed_denied_and_limited_and_names_no_client()
     let opaque = forge::token_for(stack.provider_port, PARTNER, scope, OPAQUE_RESOURCE).await;
     let admin_before = forge::gatehouse_counters(stack.gatehouse_ports.admin).await;
     let before = scrape(stack.metrics_port).await;
+    let address = format!("127.0.0.1:{}", stack.metrics_port);
+    let log = stack.gatehouse.log();
+    let started = log
+        .lines()
+        .find(|line| line.contains("serving metrics for prometheus"));
+    assert!(started.is_some_and(|line| line.contains(&address)), "{log}");
 
     // Allowed: one plain, one reshaped for the mobile profile.
     assert_eq!(get(&stack, "/vehicles", Some(&web)).await, StatusCode::OK);

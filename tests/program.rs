@@ -117,6 +117,33 @@ fn check_config_warns_of_a_public_limit_counted_by_the_tcp_peer() {
 }
 
 #[test]
+fn check_config_refuses_a_metrics_address_taken_by_another_listener() {
+    let path = support::root().join("config/gatehouse.yaml");
+    let line = shipped_config()
+        .lines()
+        .position(|l| l.trim_start().starts_with("metrics_listen:"))
+        .expect("the shipped file sets metrics_listen")
+        + 1;
+
+    let taken = [
+        ("GATEHOUSE_ADMIN_LISTEN", "127.0.0.1:50052"),
+        ("GATEHOUSE_METRICS_LISTEN", "127.0.0.1:50052"),
+    ];
+    let (ok, output) = check_config(&path, &taken);
+
+    assert!(!ok, "{output}");
+    let expected = format!(
+        "{}:{line}: server.metrics_listen: must differ from server.listen and \
+         server.admin_listen",
+        path.display()
+    );
+    assert!(
+        output.lines().any(|l| l == expected),
+        "expected {expected:?} in:\n{output}"
+    );
+}
+
+#[test]
 fn check_config_reports_every_broken_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = shipped_config()
