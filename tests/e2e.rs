@@ -454,6 +454,54 @@ async fn cors_preflight_needs_no_token_and_denials_carry_cors_headers() {
         .expect("get");
     assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&denied, "access-control-allow-origin"), Some(origin));
+    let exposed = header(&denied, "access-control-expose-headers").unwrap_or_default();
+    for name in ["www-authenticate", "retry-after", "ratelimit"] {
+        assert!(exposed.contains(name), "{name} is readable: {exposed}");
+    }
+}
+
+#[tokio::test]
+async fn a_browser_can_call_the_composite_route_and_pick_a_profile() {
+    let origin = "https://web.gatehouse.test";
+
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, stack().url("/overview"))
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "authorization,x-client-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        header(&preflight, "access-control-allow-origin"),
+        Some(origin)
+    );
+    let allowed = header(&preflight, "access-control-allow-headers").unwrap_or_default();
+    assert!(allowed.contains("x-client-type"), "{allowed}");
+
+    // Gatehouse answers the composite itself; the browser may read it.
+    let token = token(WEB).await;
+    let response = client()
+        .get(stack().url("/overview"))
+        .header("origin", origin)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(&response, "access-control-allow-origin"),
+        Some(origin)
+    );
+    let body: Value = response.json().await.expect("json body");
+    assert!(
+        body["vehicles"].is_object() && body["stations"].is_object(),
+        "{body}"
+    );
 }
 
 #[tokio::test]
