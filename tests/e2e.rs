@@ -93,6 +93,62 @@ async fn valid_token_reaches_the_upstream_with_identity_and_without_the_token() 
 }
 
 #[tokio::test]
+async fn a_reshaped_client_cannot_ask_the_upstream_for_an_unshapeable_body() {
+    // Gatehouse cannot decode brotli nor reshape a range, so a mobile client
+    // asking for either must not get the full body past its profile.
+    let mobile = token(MOBILE).await;
+    let cases = [
+        ("br", None, "br-only"),
+        ("gzip;q=0, br", None, "gzip-refused"),
+        ("br, gzip", Some("gzip"), "gzip-taken"),
+    ];
+
+    for (accept, offered, marker) in cases {
+        let response = client()
+            .get(stack().url("/vehicles"))
+            .bearer_auth(&mobile)
+            .header("accept-encoding", accept)
+            .header("range", "bytes=0-40")
+            .header("if-range", "\"list-v1\"")
+            .header("x-test-marker", marker)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{marker}");
+
+        let seen = support::upstream_requests(stack().vehicles_port).await;
+        let request = seen
+            .iter()
+            .rev()
+            .find(|r| r["headers"]["x-test-marker"] == marker)
+            .expect("the upstream saw the request");
+        let headers = &request["headers"];
+        assert_eq!(headers["accept-encoding"].as_str(), offered, "{marker}");
+        assert!(headers.get("range").is_none(), "{marker}: {headers}");
+        assert!(headers.get("if-range").is_none(), "{marker}: {headers}");
+    }
+
+    // A client whose profile changes nothing keeps its own preferences.
+    let web = token(WEB).await;
+    let response = client()
+        .get(stack().url("/vehicles"))
+        .bearer_auth(&web)
+        .header("accept-encoding", "br")
+        .header("x-test-marker", "web-br")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = support::upstream_requests(stack().vehicles_port).await;
+    let request = seen
+        .iter()
+        .rev()
+        .find(|r| r["headers"]["x-test-marker"] == "web-br")
+        .expect("the upstream saw the request");
+    assert_eq!(request["headers"]["accept-encoding"], "br");
+}
+
+#[tokio::test]
 async fn tampered_signature_is_refused() {
     let token = token(WEB).await;
     let signature_start = token.rfind('.').expect("a JWT") + 1;
@@ -131,6 +187,32 @@ async fn seen_with_marker(port: u16, marker: &str) -> Option<Value> {
     seen.into_iter()
         .rev()
         .find(|r| r["headers"]["x-test-marker"] == marker)
+}
+
+#[tokio::test]
+async fn a_token_in_the_query_never_reaches_a_service_even_on_a_public_route() {
+    let token = token(WEB).await;
+
+    let response = client()
+        .get(stack().url(&format!(
+            "/stations/status?region=north&access_token={token}"
+        )))
+        .header("x-test-marker", "query-token-public")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = seen_with_marker(stack().stations_port, "query-token-public")
+        .await
+        .expect("the service saw the request");
+    let path = seen["path"].as_str().expect("the path it was asked for");
+    assert!(
+        path.contains("region=north"),
+        "the rest of the query stays: {seen}"
+    );
+    assert!(!path.contains("access_token"), "{seen}");
+    assert!(!seen.to_string().contains(&token), "{seen}");
 }
 
 /// Gatehouse's own 404 (Check matched no route). Envoy's catch-all route
