@@ -115,14 +115,33 @@ pub fn apply_to_bytes(steps: &[Step], bytes: &[u8], max_bytes: u64) -> Result<Ve
         return Err(err.into());
     }
 
+    let written = write_bounded(&body, max_bytes, bytes.len());
+    ops::discard(body);
+    written
+}
+
+/// Writes a value as compact JSON of at most `max_bytes`, for bodies that
+/// were built rather than parsed (a composite's merged parts). Writing
+/// stops at the limit, so a value too large to send is never written in
+/// full.
+///
+/// # Errors
+///
+/// [`BodyError::TooLarge`] when the JSON would pass `max_bytes`;
+/// [`BodyError::Serialize`] if serde_json fails, which values built from
+/// JSON do not make it do.
+pub fn to_bytes_bounded(body: &Value, max_bytes: u64) -> Result<Vec<u8>, BodyError> {
+    write_bounded(body, max_bytes, 0)
+}
+
+/// The one bounded write, starting with room for `capacity` bytes.
+fn write_bounded(body: &Value, max_bytes: u64, capacity: usize) -> Result<Vec<u8>, BodyError> {
     let mut out = Bounded {
-        bytes: Vec::with_capacity(bytes.len()),
+        bytes: Vec::with_capacity(capacity),
         limit: max_bytes,
         refused: false,
     };
-    let written = serde_json::to_writer(&mut out, &body);
-    ops::discard(body);
-    match written {
+    match serde_json::to_writer(&mut out, body) {
         Ok(()) => Ok(out.bytes),
         Err(_) if out.refused => Err(TooLarge { limit: max_bytes }.into()),
         Err(err) => Err(BodyError::Serialize(err)),
