@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::config::{Composite, Forward, MergeMode, Part};
 use crate::decision::IDENTITY_HEADERS;
 use crate::metrics::Counter;
-use crate::reshape::{self, Step};
+use crate::reshape::{self, BodyError, Step};
 use crate::shaping::OUTPUT_FACTOR;
 
 /// The response header that lists the parts that did not arrive.
@@ -174,11 +174,26 @@ fn build(
         }
     }
 
+    // Each step is bounded on its own, so several of them (and the
+    // failures added above) can still pass the limit together: the write
+    // stops there rather than holding the whole answer.
+    let written = match reshape::to_bytes_bounded(&body, max_output) {
+        Ok(written) => written,
+        Err(err @ BodyError::TooLarge(_)) => {
+            tracing::info!(error = %err, "composite answer would be too large once shaped");
+            return failed("composite_too_large");
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "composite answer could not be written");
+            return failed("composite_failed");
+        }
+    };
+
     let status = if failures.len() == parts { 502 } else { 200 };
     Answer {
         status,
         headers,
-        body: serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec()),
+        body: written,
     }
 }
 
@@ -381,5 +396,86 @@ mod tests {
         );
         assert_eq!(answer.status, 502);
         assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+    }
+
+    /// One part, `a`, holding `{"items": [{}, {}, ...]}`.
+    fn empty_items(n: usize) -> Vec<(String, Value)> {
+        let items: Vec<Value> = (0..n).map(|_| json!({})).collect();
+        owned(vec![("a", json!({ "items": items }))])
+    }
+
+    #[test]
+    fn defaults_filled_into_many_elements_past_the_limit_are_not_sent() {
+        // 2000 empty elements (6 KB of JSON) each get a 100-byte default:
+        // over 200 KB once shaped, for a limit of 64 KiB.
+        let text = format!(
+            r#"[{{"defaults": {{"a.items[].pad": "{}"}}}}]"#,
+            "x".repeat(100)
+        );
+        let steps: Vec<Step> = serde_json::from_str(&text).expect("test steps deserialize");
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            64 * 1024,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+
+        // With room for it, the same answer is sent whole.
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            1024 * 1024,
+        );
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.len() > 200_000, "{}", answer.body.len());
+    }
+
+    #[test]
+    fn steps_that_each_fit_but_together_pass_the_limit_are_not_sent() {
+        // Each step adds about 114 KB to 2000 empty elements, within its
+        // own budget of 200 KB; the two together write about 232 KB.
+        let text = format!(
+            r#"[{{"defaults": {{"a.items[].p": "{}"}}}}, {{"defaults": {{"a.items[].q": "{}"}}}}]"#,
+            "x".repeat(50),
+            "y".repeat(50)
+        );
+        let steps: Vec<Step> = serde_json::from_str(&text).expect("test steps deserialize");
+        let limit = 200_000;
+
+        // No step passes its budget: only the written answer is too large.
+        let mut merged = merge(MergeMode::Keyed, empty_items(2000), &mut Map::new());
+        assert_eq!(reshape::apply(&steps, &mut merged, limit), Ok(()));
+        let written = serde_json::to_vec(&merged).expect("json").len() as u64;
+        assert!(written > limit, "{written}");
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            limit,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            written,
+        );
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.len() as u64, written);
     }
 }

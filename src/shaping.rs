@@ -411,6 +411,32 @@ mod tests {
     }
 
     #[test]
+    fn defaults_past_the_budget_stop_the_step_and_pass_the_body_unchanged() {
+        // The filled body (over 5 KB) would be dropped again by the next
+        // step, so its output would fit; the defaults step alone passes the
+        // budget of 2000 bytes, and is stopped before it builds the rest.
+        let items: Vec<Value> = (0..100).map(|_| json!({})).collect();
+        let body = serde_json::to_vec(&json!({ "items": items })).expect("json");
+        let grows = format!(
+            r#"[{{"defaults": {{"items[].pad": "{}"}}}}, {{"drop": ["items[].pad"]}}]"#,
+            "x".repeat(50)
+        );
+
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 1000), &body, "r-7")
+        });
+        assert_eq!(out, None);
+        assert_eq!(passed, 1);
+
+        // With a budget that holds the filled body, the output is the input.
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 4000), &body, "r-8")
+        });
+        assert_eq!(out, Some(body));
+        assert_eq!(passed, 0);
+    }
+
+    #[test]
     fn a_hostile_flatten_passes_unchanged_and_is_counted() {
         let leaves: serde_json::Map<String, Value> =
             (0..20_000).map(|i| (format!("k{i}"), json!(0))).collect();
