@@ -807,6 +807,36 @@ async fn a_body_of_almost_one_mebibyte_is_reshaped() {
 // === composite endpoints ===
 
 #[tokio::test]
+async fn a_composite_never_shows_more_of_a_part_than_its_own_route() {
+    let _serial = serial().await;
+    // The partner profile lists steps for `vehicles` only, none for the
+    // composite: its vehicles part is still shaped as /vehicles would be.
+    let token = support::token(
+        &stack().token_endpoint(),
+        PARTNER,
+        "vehicles:read stations:read",
+    )
+    .await;
+
+    let response = reqwest::Client::new()
+        .get(stack().url("/overview"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = checked_json(response).await;
+
+    let own = json_as("/vehicles", &token, None).await;
+    assert_eq!(body["vehicles"], own, "the part is what /vehicles gives");
+    let text = body.to_string();
+    for private in ["owner", "Ada Park", "vin", "internal"] {
+        assert!(!text.contains(private), "{private} in {body}");
+    }
+    assert!(body["stations"]["items"].is_array(), "{body}");
+}
+
+#[tokio::test]
 async fn a_composite_merges_both_services_for_the_caller_and_its_profile() {
     let _serial = serial().await;
     let token = support::token(
