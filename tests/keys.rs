@@ -273,9 +273,11 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
 }
 
 /// JWKS fetches in 4 seconds by a Gatehouse whose provider says
-/// `max-age=<max_age>`, with the given bounds.
+/// `max-age=<max_age>`, with the given bounds and `refresh_seconds` at the
+/// upper one (which `max-age`, being set, overrides).
 async fn fetches_with_max_age(max_age: u64, min_refresh: u64, max_refresh: u64) -> u64 {
-    let mut gate = Gate::start(&config_bounded(300, min_refresh, max_refresh, 60), false);
+    let config = config_bounded(max_refresh, min_refresh, max_refresh, 60);
+    let mut gate = Gate::start(&config, false);
     gate.start_provider_with_max_age(max_age);
     wait_for_health(&gate, ServingStatus::Serving).await;
 
