@@ -20,8 +20,6 @@ use crate::config::{Provider, is_hmac};
 /// A provider, its rules and where its keys come from.
 pub struct Issuer {
     provider: Provider,
-    /// The provider's position in the configuration.
-    index: usize,
     /// This version of the rules; cached tokens verified under another
     /// version no longer count.
     rules: Rules,
@@ -56,10 +54,13 @@ impl Issuer {
             .and_then(|secret| DecodingKey::from_secret(secret.as_bytes()).ok());
 
         let source = if provider.uses_jwks() {
-            let settings = KeySettings::of(provider, index);
+            let settings = KeySettings::of(provider);
             match kept {
-                Some(kept) if *kept.settings() == settings => Some(kept.clone()),
-                _ => Some(Arc::new(KeySource::new(settings, verified.clone())?)),
+                Some(kept) if *kept.settings() == settings => {
+                    kept.set_index(index);
+                    Some(kept.clone())
+                }
+                _ => Some(Arc::new(KeySource::new(settings, index, verified.clone())?)),
             }
         } else {
             None
@@ -67,7 +68,6 @@ impl Issuer {
 
         Ok(Self {
             provider: provider.clone(),
-            index,
             rules: Rules::next(),
             source,
             verified,
@@ -80,10 +80,10 @@ impl Issuer {
         &self.provider
     }
 
-    /// Whether this issuer was built for exactly this provider at this
-    /// place, so that a reload can keep it, rules version and all.
-    pub fn serves(&self, provider: &Provider, index: usize) -> bool {
-        self.provider == *provider && self.index == index
+    /// Whether this issuer was built for exactly these settings, so that a
+    /// reload can keep it, rules version and all.
+    pub fn serves(&self, provider: &Provider) -> bool {
+        self.provider == *provider
     }
 
     /// This version of the rules.

@@ -129,13 +129,11 @@ pub struct KeySettings {
     pub refresh_bounds: (Duration, Duration),
     /// Minimum time between refetches caused by an unknown `kid`.
     pub min_refetch: Duration,
-    /// The provider's position in the configuration, its metrics label.
-    pub index: usize,
 }
 
 impl KeySettings {
-    /// The key settings of the `index`th configured provider.
-    pub fn of(provider: &Provider, index: usize) -> Self {
+    /// The key settings of `provider`.
+    pub fn of(provider: &Provider) -> Self {
         Self {
             issuer: provider.issuer.clone(),
             jwks_uri: provider.jwks_uri.clone(),
@@ -147,7 +145,6 @@ impl KeySettings {
             refresh: provider.refresh,
             refresh_bounds: provider.refresh_bounds,
             min_refetch: provider.min_refetch,
-            index,
         }
     }
 }

@@ -223,7 +223,12 @@ impl Authenticator {
         for (index, provider) in providers.iter().enumerate() {
             let before = previous.and_then(|previous| previous.issuer(&provider.issuer));
             let issuer = match before {
-                Some(before) if before.serves(provider, index) => before.clone(),
+                Some(before) if before.serves(provider) => {
+                    if let Some(source) = before.source() {
+                        source.set_index(index);
+                    }
+                    before.clone()
+                }
                 _ => {
                     let kept = before.and_then(|before| before.source());
                     Arc::new(Issuer::new(provider, index, verified.clone(), kept)?)
@@ -425,8 +430,35 @@ mod tests {
         );
 
         // The old version, still serving requests in flight, keeps its own
-        // rules and never takes the new version's verdicts for its own.
+        // rules.
         assert!(authenticate(&second, &token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_adds_a_provider_before_another_keeps_the_others_keys() {
+        let first = Authenticator::new(&[provider()], &tokens(8192, "x-a"), None).expect("built");
+        first.issuers[0]
+            .source()
+            .expect("a source")
+            .install(key_set("k"));
+        let token = token(Some("k"));
+        authenticate(&first, &token).await.expect("verified");
+
+        let added = Provider {
+            issuer: "https://added.test".to_owned(),
+            jwks_uri: Some("https://added.test/jwks".to_owned()),
+            ..provider()
+        };
+        let both = [added, provider()];
+        let second = Authenticator::new(&both, &tokens(8192, "x-a"), Some(&first)).expect("built");
+
+        assert!(
+            Arc::ptr_eq(&second.issuers[1], &first.issuers[0]),
+            "moved, kept"
+        );
+        assert!(second.issuers[1].has_keys());
+        assert!(!second.has_keys(), "the new provider has no keys yet");
+        assert!(second.cached(&digest(&token)).await.is_some());
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! the keys, the refresh and the last good keys of a provider that is down
 //! all carry over to the new configuration.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,9 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// A provider's published keys and how they are kept fresh.
 pub struct KeySource {
     settings: KeySettings,
+    /// The provider's position in the configuration in force, its metrics
+    /// label; a reload that only moves the provider keeps the source.
+    index: AtomicUsize,
     fetcher: KeyFetcher,
     keys: ArcSwap<KeySet>,
     /// The introspection endpoint discovery named, when none is configured.
@@ -40,18 +43,21 @@ pub struct KeySource {
 }
 
 impl KeySource {
-    /// A source with no keys yet; [`KeySource::spawn_refresh`] fetches them.
+    /// A source with no keys yet for the `index`th configured provider;
+    /// [`KeySource::spawn_refresh`] fetches them.
     ///
     /// # Errors
     ///
     /// When the HTTP client cannot be built.
     pub fn new(
         settings: KeySettings,
+        index: usize,
         verified: Cache<Digest, Verified>,
     ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             fetcher: KeyFetcher::new(&settings)?,
             settings,
+            index: AtomicUsize::new(index),
             keys: ArcSwap::from_pointee(KeySet::default()),
             discovered_introspection: ArcSwapOption::empty(),
             last_refetch: Mutex::new(None),
@@ -63,6 +69,11 @@ impl KeySource {
     /// The settings this source was built for.
     pub fn settings(&self) -> &KeySettings {
         &self.settings
+    }
+
+    /// Records the provider's position in the configuration now in force.
+    pub fn set_index(&self, index: usize) {
+        self.index.store(index, Ordering::Relaxed);
     }
 
     /// Whether keys are loaded, which readiness reports.
@@ -100,7 +111,7 @@ impl KeySource {
     /// When the provider cannot be reached; the previous keys stay in force.
     pub async fn refresh(&self) -> Result<Duration, FetchError> {
         let fetched = self.fetcher.fetch().await;
-        metrics::jwks_fetched(self.settings.index, fetched.is_ok());
+        metrics::jwks_fetched(self.index.load(Ordering::Relaxed), fetched.is_ok());
         let fetched = fetched?;
         let count = fetched.keys.keys.len();
 
