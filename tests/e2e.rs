@@ -168,6 +168,45 @@ async fn tampered_signature_is_refused() {
     assert_eq!(body["error"], "invalid_token");
 }
 
+#[tokio::test]
+async fn a_token_short_of_the_scope_gets_403_naming_the_scope_to_ask_for() {
+    let read_only = support::token(&stack().token_endpoint(), WEB, "vehicles:read").await;
+    let marker = "short-of-scope";
+
+    // `vehicles-write` (POST) needs vehicles:write, which this token lacks.
+    let response = client()
+        .post(stack().url("/vehicles"))
+        .bearer_auth(&read_only)
+        .header("content-type", "application/json")
+        .header("x-test-marker", marker)
+        .body(r#"{"model":"x"}"#)
+        .send()
+        .await
+        .expect("request through envoy");
+
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        header(&response, "www-authenticate"),
+        Some("Bearer error=\"insufficient_scope\", scope=\"vehicles:write\"")
+    );
+    let body: Value = response.json().await.expect("json body");
+    assert_eq!(body["error"], "insufficient_scope", "{body}");
+    assert!(
+        !body.to_string().contains(&read_only),
+        "the body never echoes the token"
+    );
+    assert!(
+        seen_with_marker(stack().vehicles_port, marker)
+            .await
+            .is_none(),
+        "a refused request never reaches the service"
+    );
+
+    // The same token reads, so the 403 is about the scope alone.
+    let response = get("/vehicles", Some(&read_only)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
 /// A GET through Envoy exactly as written: reqwest would resolve `..` and
 /// `//` itself, so Envoy's normalisation would never be exercised.
 fn raw(path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> RawResponse {
