@@ -116,11 +116,8 @@ async fn a_reshaped_client_cannot_ask_the_upstream_for_an_unshapeable_body() {
             .expect("request");
         assert_eq!(response.status(), StatusCode::OK, "{marker}");
 
-        let seen = support::upstream_requests(stack().vehicles_port).await;
-        let request = seen
-            .iter()
-            .rev()
-            .find(|r| r["headers"]["x-test-marker"] == marker)
+        let request = seen_with_marker(stack().vehicles_port, marker)
+            .await
             .expect("the upstream saw the request");
         let headers = &request["headers"];
         assert_eq!(headers["accept-encoding"].as_str(), offered, "{marker}");
@@ -139,11 +136,8 @@ async fn a_reshaped_client_cannot_ask_the_upstream_for_an_unshapeable_body() {
         .await
         .expect("request");
     assert_eq!(response.status(), StatusCode::OK);
-    let seen = support::upstream_requests(stack().vehicles_port).await;
-    let request = seen
-        .iter()
-        .rev()
-        .find(|r| r["headers"]["x-test-marker"] == "web-br")
+    let request = seen_with_marker(stack().vehicles_port, "web-br")
+        .await
         .expect("the upstream saw the request");
     assert_eq!(request["headers"]["accept-encoding"], "br");
 }
