@@ -533,6 +533,24 @@ async fn sigint_drains_then_exits_cleanly() {
 }
 
 #[test]
+fn check_config_refuses_a_file_that_never_ends() {
+    // /dev/zero reports no size, so only the read itself can stop.
+    let started = Instant::now();
+    let (ok, output) = check_config(Path::new("/dev/zero"), &[]);
+
+    assert!(!ok, "{output}");
+    assert_eq!(
+        output.trim_end(),
+        "/dev/zero: file is larger than 4194304 bytes"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn envoy_config_passes_validation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rendered = dir.path().join("envoy.yaml");

@@ -14,6 +14,7 @@ mod unexpanded;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
@@ -456,14 +457,33 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
         source,
     };
 
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let too_large = || ConfigError::TooLarge {
+        path: path.to_owned(),
+    };
+
+    // The size on record refuses an ordinary large file before it is read.
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-        });
+        return Err(too_large());
     }
 
-    std::fs::read_to_string(path).map_err(read_err)
+    // A device or a pipe reports no size (`/dev/zero`, a FIFO), so the read
+    // itself stops one byte past the limit.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+
+    String::from_utf8(bytes).map_err(|err| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            err.utf8_error(),
+        ))
+    })
 }
 
 /// Deserializes the file, expanding `${VAR}` and `${VAR:-default}` inside
