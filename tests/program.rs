@@ -532,6 +532,56 @@ async fn sigint_drains_then_exits_cleanly() {
     drains_then_exits_cleanly("INT").await;
 }
 
+/// Signals Gatehouse with `first`, and once it drains, with `second`: the
+/// second ends the longest drain allowed at once, with a warning.
+async fn a_second_signal_stops_the_drain_at_once(first: &str, second: &str) {
+    let mut running = start_with(
+        &shipped_config(),
+        true,
+        &[("GATEHOUSE_DRAIN_SECONDS", "300")],
+    );
+    let port = running.ports.grpc;
+    wait_for_health(port, ServingStatus::Serving).await;
+
+    running.gatehouse.signal(first);
+    wait_for_health(port, ServingStatus::NotServing).await;
+    let status = check_status(port, "/stations/status")
+        .await
+        .expect("answered while draining");
+    assert_eq!(status, 0);
+
+    // 300 s of drain are left; the second signal must not wait for them.
+    running.gatehouse.signal(second);
+    let exited = running.gatehouse.wait_exit(Duration::from_secs(10));
+    let log = running.gatehouse.log();
+    assert_eq!(
+        exited,
+        Some(true),
+        "gatehouse must exit at once with 0; log:\n{log}"
+    );
+
+    let warning = log
+        .lines()
+        .find(|line| line.contains("second shutdown signal"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(log.contains("shutdown requested; draining"), "{log}");
+    assert!(
+        !log.contains("gatehouse stopped"),
+        "the drain did not end: {log}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_sigint_during_the_drain_stops_at_once() {
+    a_second_signal_stops_the_drain_at_once("TERM", "INT").await;
+}
+
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_stops_at_once() {
+    a_second_signal_stops_the_drain_at_once("INT", "TERM").await;
+}
+
 #[test]
 fn check_config_refuses_a_file_that_never_ends() {
     // /dev/zero reports no size, so only the read itself can stop.
