@@ -601,6 +601,30 @@ fn check_config_refuses_a_file_that_never_ends() {
 }
 
 #[test]
+fn check_config_refuses_a_drain_longer_than_five_minutes() {
+    let path = support::root().join("config/gatehouse.yaml");
+    let line = shipped_config()
+        .lines()
+        .position(|l| l.trim_start().starts_with("drain_seconds:"))
+        .expect("the shipped file sets drain_seconds")
+        + 1;
+
+    let (ok, output) = check_config(&path, &[("GATEHOUSE_DRAIN_SECONDS", "300")]);
+    assert!(ok, "{output}");
+
+    let (ok, output) = check_config(
+        &path,
+        &[("GATEHOUSE_DRAIN_SECONDS", "18446744073709551615")],
+    );
+    assert!(!ok, "{output}");
+    let expected = format!(
+        "{}:{line}: server.drain_seconds: must be between 0 and 300",
+        path.display()
+    );
+    assert_eq!(output.trim_end(), expected);
+}
+
+#[test]
 fn envoy_config_passes_validation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rendered = dir.path().join("envoy.yaml");
