@@ -33,6 +33,14 @@ async fn main() {
     println!("envoy (the gateway):  {}", stack.url("/"));
     println!("token endpoint:       {}", stack.token_endpoint());
     println!("resource (audience):  {}", support::API_RESOURCE);
+    println!(
+        "gatehouse admin API:  127.0.0.1:{} (gatehouse reload --admin 127.0.0.1:{})",
+        stack.gatehouse_ports.admin, stack.gatehouse_ports.admin
+    );
+    println!(
+        "logs, while it runs:  {} (removed on Ctrl-C)",
+        stack.dir.path().display()
+    );
     println!("clients (id / secret / profile):");
     for (client, profile) in [(WEB, "web"), (MOBILE, "mobile"), (PARTNER, "partner")] {
         println!("  {:<13} {:<20} {profile}", client.0, client.1);

@@ -90,6 +90,11 @@ async fn evaluate(
 
     let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
     let choice = choose_profile(runtime, route, &request, identity.as_deref());
+    let reshaped = fields.is_some()
+        || choice
+            .profile
+            .as_deref()
+            .is_some_and(|profile| config.steps(profile, &route.name).is_some());
 
     let mut allow = Allow {
         response_headers,
@@ -108,19 +113,57 @@ async fn evaluate(
     // headers instead, and no client-supplied copy of those survives. A
     // token sent in the query is cut from the path too, or it would reach
     // the services' own access logs.
+    // Public routes read no token, but one sent there must not reach a
+    // service either.
     allow.remove_headers.push("authorization".to_owned());
-    if !route.public {
-        allow.remove_query.push(bearer::QUERY_PARAMETER.to_owned());
-    }
+    allow.remove_query.push(bearer::QUERY_PARAMETER.to_owned());
     let forward = &config.tokens.forward;
     if let Some(identity) = &identity {
         allow.set_headers = identity_headers(forward, identity);
+    }
+    if reshaped {
+        keep_the_body_reshapeable(request.headers, &mut allow);
     }
     route_headers(route, &mut allow);
     protect_identity_headers(forward, &mut allow);
 
     tracing::debug!(authz.decision = "allow", reshape.profile = ?allow.metadata.profile);
     Ok(allow)
+}
+
+/// Keeps a client from turning its own profile off through the upstream.
+///
+/// A response Gatehouse cannot decode (`br`, `zstd`, `deflate`) or only a
+/// range of passes unchanged, so a client whose profile drops fields could
+/// otherwise ask for the full body in one of those forms. The upstream is
+/// only offered gzip (when the client takes it) or plain bodies, and never
+/// asked for a range.
+fn keep_the_body_reshapeable(headers: &HashMap<String, String>, allow: &mut Allow) {
+    let takes_gzip = headers.get("accept-encoding").is_some_and(|accepted| {
+        accepted.split(',').any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            // `q=0` (RFC 9110 section 12.4.2) says "not acceptable".
+            let refused = parts.any(|param| {
+                let weight = param
+                    .trim()
+                    .strip_prefix("q=")
+                    .or(param.trim().strip_prefix("Q="));
+                weight.and_then(|weight| weight.trim().parse::<f32>().ok()) == Some(0.0)
+            });
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+    });
+
+    if takes_gzip {
+        allow
+            .set_headers
+            .push(("accept-encoding".to_owned(), "gzip".to_owned()));
+    } else {
+        allow.remove_headers.push("accept-encoding".to_owned());
+    }
+    allow.remove_headers.push("range".to_owned());
+    allow.remove_headers.push("if-range".to_owned());
 }
 
 /// Makes sure every identity header reaching a service is Gatehouse's own.

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::config::{Composite, Forward, MergeMode, Part};
 use crate::decision::IDENTITY_HEADERS;
 use crate::metrics::Counter;
-use crate::reshape::{self, Step};
+use crate::reshape::{self, BodyError, Step};
 use crate::shaping::OUTPUT_FACTOR;
 
 /// The response header that lists the parts that did not arrive.
@@ -89,24 +89,41 @@ pub fn forwarded(headers: Vec<(String, String)>, forward: &Forward) -> Vec<(Stri
         .collect()
 }
 
-/// Fetches every part with `forward` headers (identity, request id), merges
-/// them, applies `steps` and reports what is missing.
+/// The steps that shape a composite answer.
+#[derive(Debug, Clone, Default)]
+pub struct Shaping {
+    /// For each part, in the composite's order, the steps that shape it
+    /// before the merge (the client's profile for the part's own route).
+    pub parts: Vec<Vec<Step>>,
+    /// The steps for the merged body (the profile for the composite route,
+    /// then the sparse fieldset).
+    pub whole: Vec<Step>,
+}
+
+/// Fetches every part with `forward` headers (identity, request id), shapes
+/// each, merges them, shapes the whole and reports what is missing.
 pub async fn answer(
     composite: &Composite,
     forward: &[(String, String)],
-    steps: Vec<Step>,
+    shaping: Shaping,
     max_body_bytes: u64,
 ) -> Answer {
-    answer_with(client(), composite, forward, steps, max_body_bytes).await
+    answer_with(client(), composite, forward, shaping, max_body_bytes).await
 }
 
 async fn answer_with(
     client: Option<&reqwest::Client>,
     composite: &Composite,
     forward: &[(String, String)],
-    steps: Vec<Step>,
+    shaping: Shaping,
     max_body_bytes: u64,
 ) -> Answer {
+    let Shaping {
+        parts: mut part_steps,
+        whole: steps,
+    } = shaping;
+    part_steps.resize_with(composite.parts.len(), Vec::new);
+
     let fetches = composite
         .parts
         .iter()
@@ -115,9 +132,9 @@ async fn answer_with(
 
     let mut failures = Map::new();
     let mut arrived = Vec::new();
-    for (part, result) in composite.parts.iter().zip(results) {
+    for ((part, result), steps) in composite.parts.iter().zip(results).zip(part_steps) {
         match result {
-            Ok(value) => arrived.push((part.key.clone(), value)),
+            Ok(value) => arrived.push((part.key.clone(), value, steps)),
             Err(err) => {
                 Counter::CompositeBackendFailed.inc();
                 tracing::info!(composite.part = %part.key, error = %err, "composite part missing");
@@ -133,7 +150,11 @@ async fn answer_with(
         .saturating_mul(OUTPUT_FACTOR)
         .saturating_mul(parts.max(1) as u64);
     let merge_mode = composite.merge;
-    let build = move || build(merge_mode, arrived, failures, &steps, parts, max_output);
+    let part_output = max_body_bytes.saturating_mul(OUTPUT_FACTOR);
+    let build = move || {
+        let arrived = shape_parts(arrived, &mut failures, part_output);
+        build(merge_mode, arrived, failures, &steps, parts, max_output)
+    };
     let answer = match tokio::task::spawn_blocking(build).await {
         Ok(answer) => answer,
         Err(err) => {
@@ -143,6 +164,28 @@ async fn answer_with(
     };
     Counter::CompositeAnswered.inc();
     answer
+}
+
+/// Shapes each part by its own route's steps. A part that would grow past
+/// `max_output` is left out and reported, never merged unshaped: its
+/// steps may be what removes private fields.
+fn shape_parts(
+    arrived: Vec<(String, Value, Vec<Step>)>,
+    failures: &mut Map<String, Value>,
+    max_output: u64,
+) -> Vec<(String, Value)> {
+    let mut shaped = Vec::with_capacity(arrived.len());
+    for (key, mut value, steps) in arrived {
+        match reshape::apply(&steps, &mut value, max_output) {
+            Ok(()) => shaped.push((key, value)),
+            Err(err) => {
+                Counter::CompositeBackendFailed.inc();
+                tracing::info!(composite.part = %key, error = %err, "composite part too large once shaped");
+                failures.insert(key, json!("too large once shaped"));
+            }
+        }
+    }
+    shaped
 }
 
 /// Merges what arrived, shapes it and adds the failures.
@@ -174,11 +217,26 @@ fn build(
         }
     }
 
+    // Each step is bounded on its own, so several of them (and the
+    // failures added above) can still pass the limit together: the write
+    // stops there rather than holding the whole answer.
+    let written = match reshape::to_bytes_bounded(&body, max_output) {
+        Ok(written) => written,
+        Err(err @ BodyError::TooLarge(_)) => {
+            tracing::info!(error = %err, "composite answer would be too large once shaped");
+            return failed("composite_too_large");
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "composite answer could not be written");
+            return failed("composite_failed");
+        }
+    };
+
     let status = if failures.len() == parts { 502 } else { 200 };
     Answer {
         status,
         headers,
-        body: serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec()),
+        body: written,
     }
 }
 
@@ -267,6 +325,7 @@ mod tests {
                 key: (*key).to_owned(),
                 url: format!("http://127.0.0.1:9/{key}"),
                 timeout: Duration::from_millis(200),
+                path: format!("/{key}"),
             })
             .collect();
         Composite {
@@ -347,7 +406,8 @@ mod tests {
 
     #[tokio::test]
     async fn without_an_http_client_every_part_is_unreachable() {
-        let answer = answer_with(None, &composite(&["a", "b"]), &[], Vec::new(), 1024).await;
+        let answer =
+            answer_with(None, &composite(&["a", "b"]), &[], Shaping::default(), 1024).await;
 
         assert_eq!(answer.status, 502);
         assert_eq!(
@@ -381,5 +441,134 @@ mod tests {
         );
         assert_eq!(answer.status, 502);
         assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+    }
+
+    #[test]
+    fn each_part_is_shaped_by_its_own_route_before_the_merge() {
+        let drop_owner: Vec<Step> =
+            serde_json::from_str(r#"[{"drop": ["items[].owner"]}]"#).expect("steps");
+        let arrived = vec![
+            (
+                "vehicles".to_owned(),
+                json!({"items": [{"id": "v-1", "owner": {"name": "A"}}]}),
+                drop_owner,
+            ),
+            (
+                "stations".to_owned(),
+                json!({"items": [{"id": "s-1"}]}),
+                Vec::new(),
+            ),
+        ];
+        let mut failures = Map::new();
+
+        let shaped = shape_parts(arrived, &mut failures, 1024 * 1024);
+
+        assert!(failures.is_empty());
+        assert_eq!(
+            shaped,
+            owned(vec![
+                ("vehicles", json!({"items": [{"id": "v-1"}]})),
+                ("stations", json!({"items": [{"id": "s-1"}]})),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_part_too_large_once_shaped_is_left_out_not_merged_unshaped() {
+        let leaves: Map<String, Value> = (0..2000).map(|i| (format!("k{i}"), json!(0))).collect();
+        let mut long = Map::new();
+        long.insert("p".repeat(10_000), Value::Object(leaves));
+        let flatten: Vec<Step> = serde_json::from_str(r#"[{"flatten": {}}]"#).expect("steps");
+        let arrived = vec![
+            ("big".to_owned(), Value::Object(long), flatten),
+            ("small".to_owned(), json!({"id": 1}), Vec::new()),
+        ];
+        let mut failures = Map::new();
+
+        let shaped = shape_parts(arrived, &mut failures, 64 * 1024);
+
+        assert_eq!(shaped, owned(vec![("small", json!({"id": 1}))]));
+        assert_eq!(failures["big"], "too large once shaped");
+    }
+
+    /// One part, `a`, holding `{"items": [{}, {}, ...]}`.
+    fn empty_items(n: usize) -> Vec<(String, Value)> {
+        let items: Vec<Value> = (0..n).map(|_| json!({})).collect();
+        owned(vec![("a", json!({ "items": items }))])
+    }
+
+    #[test]
+    fn defaults_filled_into_many_elements_past_the_limit_are_not_sent() {
+        // 2000 empty elements (6 KB of JSON) each get a 100-byte default:
+        // over 200 KB once shaped, for a limit of 64 KiB.
+        let text = format!(
+            r#"[{{"defaults": {{"a.items[].pad": "{}"}}}}]"#,
+            "x".repeat(100)
+        );
+        let steps: Vec<Step> = serde_json::from_str(&text).expect("test steps deserialize");
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            64 * 1024,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+
+        // With room for it, the same answer is sent whole.
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            1024 * 1024,
+        );
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.len() > 200_000, "{}", answer.body.len());
+    }
+
+    #[test]
+    fn steps_that_each_fit_but_together_pass_the_limit_are_not_sent() {
+        // Each step adds about 114 KB to 2000 empty elements, within its
+        // own budget of 200 KB; the two together write about 232 KB.
+        let text = format!(
+            r#"[{{"defaults": {{"a.items[].p": "{}"}}}}, {{"defaults": {{"a.items[].q": "{}"}}}}]"#,
+            "x".repeat(50),
+            "y".repeat(50)
+        );
+        let steps: Vec<Step> = serde_json::from_str(&text).expect("test steps deserialize");
+        let limit = 200_000;
+
+        // No step passes its budget: only the written answer is too large.
+        let mut merged = merge(MergeMode::Keyed, empty_items(2000), &mut Map::new());
+        assert_eq!(reshape::apply(&steps, &mut merged, limit), Ok(()));
+        let written = serde_json::to_vec(&merged).expect("json").len() as u64;
+        assert!(written > limit, "{written}");
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            limit,
+        );
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body, br#"{"error":"composite_too_large"}"#);
+
+        let answer = build(
+            MergeMode::Keyed,
+            empty_items(2000),
+            Map::new(),
+            &steps,
+            1,
+            written,
+        );
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.len() as u64, written);
     }
 }

@@ -2,12 +2,12 @@
 //! answer.
 //!
 //! Every refusal Gatehouse has a policy for is a successful Check that carries
-//! a denied HTTP response (401, 403, 404, 429 or 503 with `Retry-After`):
-//! Envoy then sends exactly that answer. Only failures Gatehouse has no policy
-//! for (a bug, a panic caught at the edge) become a gRPC error, which leaves
-//! Envoy's own `failure_mode_allow` and `status_on_error` in charge. Keeping
-//! the mapping here means the status codes, headers and error codes stay
-//! consistent across every reason.
+//! a denied HTTP response (400 for a bad sparse fieldset, 401, 403, 404, 429,
+//! or 503 with `Retry-After`): Envoy then sends exactly that answer. Only
+//! failures Gatehouse has no policy for (a bug, a panic caught at the edge)
+//! become a gRPC error, which leaves Envoy's own `failure_mode_allow` and
+//! `status_on_error` in charge. Keeping the mapping here means the status
+//! codes, headers and error codes stay consistent across every reason.
 //!
 //! Envoy's rate-limit service API has no way to ask for a 503, so there a
 //! fail-closed policy is the one policy that answers with a gRPC error

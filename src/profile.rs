@@ -19,13 +19,14 @@ pub struct Asked<'a> {
     pub header: Option<&'a str>,
 }
 
-/// The profile chosen, and the header a cache must vary on.
+/// The profile chosen, and the headers a cache must vary on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Choice {
     /// The chosen profile's name.
     pub profile: Option<String>,
-    /// The profile header's name, when its value could change the choice
-    /// for this client.
+    /// The request headers the shape depends on, as a `Vary` value: the
+    /// profile header when its value could change the choice for this
+    /// client, and `authorization` when the token does.
     pub vary: Option<String>,
 }
 
@@ -53,7 +54,24 @@ pub fn choose(config: &Config, route: &Route, asked: Asked<'_>) -> Choice {
     }
 
     let header_name = config.reshape.profile_header.as_ref();
-    let vary = header_name.filter(|_| allowed.len() > 1).cloned();
+    let by_header = header_name
+        .filter(|_| allowed.len() > 1)
+        .map(String::as_str);
+
+    // Where any profile reshapes this route, who asks decides the shape. The
+    // services never see the token and may mark an answer as public, so the
+    // answer must say it depends on `Authorization`, or a shared cache could
+    // hand one client's shape (with its data) to another.
+    let reshaped_here = config
+        .profiles
+        .values()
+        .any(|profile| profile.routes.contains_key(&route.name));
+    let by_token = (asked.client_id.is_some() && reshaped_here).then_some("authorization");
+    let vary = match (by_header, by_token) {
+        (Some(header), Some(token)) => Some(format!("{header}, {token}")),
+        (one, other) => one.or(other).map(str::to_owned),
+    };
+
     let picked = header_name.and(asked.header).map(str::trim);
 
     let profile = match picked {
@@ -162,6 +180,40 @@ routes:
             choice.vary, None,
             "one allowed profile: the header changes nothing"
         );
+    }
+
+    #[test]
+    fn a_route_some_profile_reshapes_varies_on_the_token() {
+        let yaml = CONFIG.replace(
+            "  mobile: {}",
+            "  mobile:\n    routes:\n      vehicles:\n        - drop: [vin]",
+        );
+        let config =
+            Config::from_yaml(Path::new("test.yaml"), &yaml, HashMap::new()).expect("valid config");
+        let choose_on = |route: &str, asked| {
+            let route = config.route(route).expect("route").clone();
+            choose(&config, &route, asked)
+        };
+        let partner = Asked {
+            client_id: Some("partner"),
+            ..Asked::default()
+        };
+        let app = Asked {
+            client_id: Some("app"),
+            ..Asked::default()
+        };
+
+        assert_eq!(
+            choose_on("vehicles", partner).vary.as_deref(),
+            Some("authorization")
+        );
+        assert_eq!(
+            choose_on("vehicles", app).vary.as_deref(),
+            Some("x-client-type, authorization")
+        );
+        // No profile reshapes stations, and nobody is known without a token.
+        assert_eq!(choose_on("stations", partner).vary, None);
+        assert_eq!(choose_on("vehicles", Asked::default()).vary, None);
     }
 
     #[test]

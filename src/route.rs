@@ -11,12 +11,13 @@ use crate::config::Route;
 /// A prefix matches whole segments only: `/vehicles` matches `/vehicles` and
 /// `/vehicles/v-1` but not `/vehiclesX`. The query and fragment are ignored.
 pub fn find<'a>(routes: &'a [Route], method: &str, path: &str) -> Option<&'a Route> {
-    let path = path_only(path);
+    routes.iter().find(|route| matches(route, method, path))
+}
 
-    routes.iter().find(|route| {
-        prefix_matches(&route.prefix, path)
-            && (route.methods.is_empty() || route.methods.iter().any(|m| m == method))
-    })
+/// Whether `route` serves `method` on `path`, by the rules of [`find`].
+pub fn matches(route: &Route, method: &str, path: &str) -> bool {
+    prefix_matches(&route.prefix, path_only(path))
+        && (route.methods.is_empty() || route.methods.iter().any(|m| m == method))
 }
 
 /// The path without its query string or fragment.

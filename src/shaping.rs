@@ -9,9 +9,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::config::Composite;
 use crate::decision::Metadata;
 use crate::metrics::{self, Counter};
 use crate::reshape::{self, Step, encoding};
+use crate::route;
 use crate::state::Runtime;
 
 /// The response headers that decide whether a body is reshaped.
@@ -138,6 +140,37 @@ fn profile_steps(runtime: &Runtime, metadata: &Metadata) -> Option<Arc<[Step]>> 
         return None;
     };
     runtime.config.steps(profile, route)
+}
+
+/// For each part of `composite`, the client's profile steps for the route
+/// that serves the part's path on its own (none where no plain route does,
+/// or the profile lists no steps for it).
+///
+/// They shape each part before the merge, so a composite never shows a
+/// client more of a service than that service's own route would: a partner
+/// whose profile drops personal data from `/vehicles` gets it dropped from
+/// the vehicles part too, whether or not the profile names the composite.
+pub fn part_steps(runtime: &Runtime, metadata: &Metadata, composite: &Composite) -> Vec<Vec<Step>> {
+    let config = &runtime.config;
+    let plain = |route: &&crate::config::Route| route.composite.is_none();
+
+    composite
+        .parts
+        .iter()
+        .map(|part| {
+            let own_route = config
+                .routes
+                .iter()
+                .filter(plain)
+                .find(|route| route::matches(route, "GET", &part.path));
+            let steps = metadata
+                .profile
+                .as_deref()
+                .zip(own_route)
+                .and_then(|(profile, route)| config.steps(profile, &route.name));
+            steps.map(|steps| steps.to_vec()).unwrap_or_default()
+        })
+        .collect()
 }
 
 /// The profile's steps for this route, then a `keep` for the sparse
@@ -407,6 +440,32 @@ mod tests {
             reshape_body(&plan(&grows, 4000), &body, "r-2")
         });
         assert!(out.is_some_and(|out| out.len() > 6000 && out.len() <= 8000));
+        assert_eq!(passed, 0);
+    }
+
+    #[test]
+    fn defaults_past_the_budget_stop_the_step_and_pass_the_body_unchanged() {
+        // The filled body (over 5 KB) would be dropped again by the next
+        // step, so its output would fit; the defaults step alone passes the
+        // budget of 2000 bytes, and is stopped before it builds the rest.
+        let items: Vec<Value> = (0..100).map(|_| json!({})).collect();
+        let body = serde_json::to_vec(&json!({ "items": items })).expect("json");
+        let grows = format!(
+            r#"[{{"defaults": {{"items[].pad": "{}"}}}}, {{"drop": ["items[].pad"]}}]"#,
+            "x".repeat(50)
+        );
+
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 1000), &body, "r-7")
+        });
+        assert_eq!(out, None);
+        assert_eq!(passed, 1);
+
+        // With a budget that holds the filled body, the output is the input.
+        let (out, passed) = counted(Counter::PassedTooLarge, || {
+            reshape_body(&plan(&grows, 4000), &body, "r-8")
+        });
+        assert_eq!(out, Some(body));
         assert_eq!(passed, 0);
     }
 

@@ -68,8 +68,9 @@ impl State {
 
     /// Re-reads the file and swaps the new version in.
     ///
-    /// The key cache and the Redis connection are kept when their settings
-    /// did not change. Returns whether the file's contents changed.
+    /// Each provider's keys are kept while its key settings did not change,
+    /// and the Redis connection while `redis` did not. Returns whether the
+    /// file's contents changed.
     ///
     /// # Errors
     ///
@@ -93,16 +94,14 @@ fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateErr
         tracing::warn!(config.warning = %warning, "configuration loaded with a warning");
     }
 
-    let authn = match previous {
-        Some(previous) if previous.authn.serves(&config.providers, &config.tokens) => {
-            previous.authn.clone()
-        }
-        _ => {
-            let authn = Arc::new(Authenticator::new(&config.providers, &config.tokens)?);
-            authn.spawn_refresh();
-            authn
-        }
-    };
+    // Built anew each time, from the previous one's parts: each provider
+    // keeps its keys while its key settings are unchanged (so a reload
+    // while a provider is down keeps its last good keys), and its cached
+    // tokens while all its settings are.
+    let previous_authn = previous.map(|previous| previous.authn.as_ref());
+    let authn = Authenticator::new(&config.providers, &config.tokens, previous_authn)?;
+    authn.spawn_refresh();
+    let authn = Arc::new(authn);
 
     let limiter = match previous {
         Some(previous) if same_redis(&previous.config, &config) => previous.limiter.clone(),

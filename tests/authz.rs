@@ -1,7 +1,8 @@
 //! Per-route authorization and forwarded identity, with several providers:
 //! all-of and any-of scopes, claim conditions, the identity headers set and
 //! removed, query tokens where enabled, a smaller token limit, and a second
-//! provider (matched by `iss`) that signs with a shared secret.
+//! provider (matched by `iss`) that signs with a shared secret and so needs
+//! no JWKS, not even to be ready.
 
 mod support;
 
@@ -11,6 +12,7 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use support::API_RESOURCE;
 use support::forge::{self, Checked, Gate, SigningKey, description, now, sign_claims, sign_raw};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const HMAC_ISSUER: &str = "https://internal.gatehouse.test";
 const HMAC_SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
@@ -26,7 +28,6 @@ providers:
     audiences: [{API_RESOURCE}]
   - issuer: {HMAC_ISSUER}
     audiences: [internal]
-    jwks_uri: ${{GATEHOUSE_ISSUER}}/jwks
     algorithms: [HS256]
     hmac_secret: {HMAC_SECRET}
     required_claims: [jti]
@@ -330,4 +331,57 @@ async fn tokens_are_matched_to_their_provider_by_iss() {
     let checked = check("/reports", &sign_claims(key, &stranger)).await;
     assert_eq!(checked.status, 401);
     assert!(description(&checked).contains("issuer"), "{}", checked.body);
+}
+
+#[tokio::test]
+async fn a_provider_with_only_hmac_is_ready_with_no_jwks_anywhere() {
+    // No OAuth2 provider runs, and the HMAC provider names no `jwks_uri`:
+    // its secret is its key, so nothing needs fetching before it is ready.
+    let config = format!(
+        "
+server:
+  listen: ${{GATEHOUSE_LISTEN}}
+  admin_listen: ${{GATEHOUSE_ADMIN_LISTEN}}
+provider:
+  issuer: {HMAC_ISSUER}
+  audiences: [internal]
+  algorithms: [HS256]
+  hmac_secret: {HMAC_SECRET}
+routes:
+  - name: reports
+    prefix: /reports
+    scopes: [vehicles:read]
+"
+    );
+    let gate = Gate::start(&config, false);
+
+    gate.wait_for_health(ServingStatus::Serving).await;
+
+    let mut claims = json!({
+        "iss": HMAC_ISSUER, "aud": "internal", "client_id": "batch",
+        "scope": "vehicles:read", "iat": now(), "exp": now() + 300,
+    });
+    let token = |claims: &Value| {
+        sign_raw(
+            &json!({"alg": "HS256", "typ": "at+jwt"}).to_string(),
+            &claims.to_string(),
+            &EncodingKey::from_secret(HMAC_SECRET.as_bytes()).expect("hmac key"),
+            Algorithm::HS256,
+        )
+    };
+    let checked = gate.check("/reports", &token(&claims)).await;
+    assert_eq!(checked.status, 200, "{}", checked.body);
+    assert_eq!(
+        checked
+            .headers
+            .get("x-gatehouse-client-id")
+            .map(String::as_str),
+        Some("batch")
+    );
+
+    // Verified, not waved through: a wrong audience is still refused.
+    claims["aud"] = json!("elsewhere");
+    let checked = gate.check("/reports", &token(&claims)).await;
+    assert_eq!(checked.status, 401, "{}", checked.body);
+    assert!(!gate.gatehouse.log().contains("cannot fetch signing keys"));
 }

@@ -93,6 +93,62 @@ async fn valid_token_reaches_the_upstream_with_identity_and_without_the_token() 
 }
 
 #[tokio::test]
+async fn a_reshaped_client_cannot_ask_the_upstream_for_an_unshapeable_body() {
+    // Gatehouse cannot decode brotli nor reshape a range, so a mobile client
+    // asking for either must not get the full body past its profile.
+    let mobile = token(MOBILE).await;
+    let cases = [
+        ("br", None, "br-only"),
+        ("gzip;q=0, br", None, "gzip-refused"),
+        ("br, gzip", Some("gzip"), "gzip-taken"),
+    ];
+
+    for (accept, offered, marker) in cases {
+        let response = client()
+            .get(stack().url("/vehicles"))
+            .bearer_auth(&mobile)
+            .header("accept-encoding", accept)
+            .header("range", "bytes=0-40")
+            .header("if-range", "\"list-v1\"")
+            .header("x-test-marker", marker)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{marker}");
+
+        let seen = support::upstream_requests(stack().vehicles_port).await;
+        let request = seen
+            .iter()
+            .rev()
+            .find(|r| r["headers"]["x-test-marker"] == marker)
+            .expect("the upstream saw the request");
+        let headers = &request["headers"];
+        assert_eq!(headers["accept-encoding"].as_str(), offered, "{marker}");
+        assert!(headers.get("range").is_none(), "{marker}: {headers}");
+        assert!(headers.get("if-range").is_none(), "{marker}: {headers}");
+    }
+
+    // A client whose profile changes nothing keeps its own preferences.
+    let web = token(WEB).await;
+    let response = client()
+        .get(stack().url("/vehicles"))
+        .bearer_auth(&web)
+        .header("accept-encoding", "br")
+        .header("x-test-marker", "web-br")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = support::upstream_requests(stack().vehicles_port).await;
+    let request = seen
+        .iter()
+        .rev()
+        .find(|r| r["headers"]["x-test-marker"] == "web-br")
+        .expect("the upstream saw the request");
+    assert_eq!(request["headers"]["accept-encoding"], "br");
+}
+
+#[tokio::test]
 async fn tampered_signature_is_refused() {
     let token = token(WEB).await;
     let signature_start = token.rfind('.').expect("a JWT") + 1;
@@ -110,6 +166,45 @@ async fn tampered_signature_is_refused() {
     assert!(challenge.contains("invalid_token"), "{challenge}");
     let body: Value = response.json().await.expect("json body");
     assert_eq!(body["error"], "invalid_token");
+}
+
+#[tokio::test]
+async fn a_token_short_of_the_scope_gets_403_naming_the_scope_to_ask_for() {
+    let read_only = support::token(&stack().token_endpoint(), WEB, "vehicles:read").await;
+    let marker = "short-of-scope";
+
+    // `vehicles-write` (POST) needs vehicles:write, which this token lacks.
+    let response = client()
+        .post(stack().url("/vehicles"))
+        .bearer_auth(&read_only)
+        .header("content-type", "application/json")
+        .header("x-test-marker", marker)
+        .body(r#"{"model":"x"}"#)
+        .send()
+        .await
+        .expect("request through envoy");
+
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        header(&response, "www-authenticate"),
+        Some("Bearer error=\"insufficient_scope\", scope=\"vehicles:write\"")
+    );
+    let body: Value = response.json().await.expect("json body");
+    assert_eq!(body["error"], "insufficient_scope", "{body}");
+    assert!(
+        !body.to_string().contains(&read_only),
+        "the body never echoes the token"
+    );
+    assert!(
+        seen_with_marker(stack().vehicles_port, marker)
+            .await
+            .is_none(),
+        "a refused request never reaches the service"
+    );
+
+    // The same token reads, so the 403 is about the scope alone.
+    let response = get("/vehicles", Some(&read_only)).await;
+    assert_eq!(response.status(), StatusCode::OK);
 }
 
 /// A GET through Envoy exactly as written: reqwest would resolve `..` and
@@ -131,6 +226,32 @@ async fn seen_with_marker(port: u16, marker: &str) -> Option<Value> {
     seen.into_iter()
         .rev()
         .find(|r| r["headers"]["x-test-marker"] == marker)
+}
+
+#[tokio::test]
+async fn a_token_in_the_query_never_reaches_a_service_even_on_a_public_route() {
+    let token = token(WEB).await;
+
+    let response = client()
+        .get(stack().url(&format!(
+            "/stations/status?region=north&access_token={token}"
+        )))
+        .header("x-test-marker", "query-token-public")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = seen_with_marker(stack().stations_port, "query-token-public")
+        .await
+        .expect("the service saw the request");
+    let path = seen["path"].as_str().expect("the path it was asked for");
+    assert!(
+        path.contains("region=north"),
+        "the rest of the query stays: {seen}"
+    );
+    assert!(!path.contains("access_token"), "{seen}");
+    assert!(!seen.to_string().contains(&token), "{seen}");
 }
 
 /// Gatehouse's own 404 (Check matched no route). Envoy's catch-all route
@@ -454,6 +575,54 @@ async fn cors_preflight_needs_no_token_and_denials_carry_cors_headers() {
         .expect("get");
     assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&denied, "access-control-allow-origin"), Some(origin));
+    let exposed = header(&denied, "access-control-expose-headers").unwrap_or_default();
+    for name in ["www-authenticate", "retry-after", "ratelimit"] {
+        assert!(exposed.contains(name), "{name} is readable: {exposed}");
+    }
+}
+
+#[tokio::test]
+async fn a_browser_can_call_the_composite_route_and_pick_a_profile() {
+    let origin = "https://web.gatehouse.test";
+
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, stack().url("/overview"))
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "authorization,x-client-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        header(&preflight, "access-control-allow-origin"),
+        Some(origin)
+    );
+    let allowed = header(&preflight, "access-control-allow-headers").unwrap_or_default();
+    assert!(allowed.contains("x-client-type"), "{allowed}");
+
+    // Gatehouse answers the composite itself; the browser may read it.
+    let token = token(WEB).await;
+    let response = client()
+        .get(stack().url("/overview"))
+        .header("origin", origin)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(&response, "access-control-allow-origin"),
+        Some(origin)
+    );
+    let body: Value = response.json().await.expect("json body");
+    assert!(
+        body["vehicles"].is_object() && body["stations"].is_object(),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use support::forge::{self, Gate, description, sign_like_provider};
 use support::{API_RESOURCE, WEB};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// A Gatehouse config with one provider and the given key timings.
 fn config(refresh_seconds: u64, min_refetch_seconds: u64) -> String {
@@ -69,28 +67,11 @@ async fn cache_counts(gate: &Gate) -> (u64, u64) {
 }
 
 async fn health(gate: &Gate) -> Option<i32> {
-    let url = format!("http://127.0.0.1:{}", gate.ports.grpc);
-    let channel = tonic::transport::Channel::from_shared(url)
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let request = HealthCheckRequest {
-        service: String::new(),
-    };
-    let response = HealthClient::new(channel).check(request).await.ok()?;
-    Some(response.into_inner().status)
+    gate.health().await
 }
 
 async fn wait_for_health(gate: &Gate, want: ServingStatus) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while health(gate).await != Some(want as i32) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "health never {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gate.wait_for_health(want).await;
 }
 
 #[tokio::test]
@@ -212,6 +193,56 @@ async fn with_the_provider_stopped_cached_keys_serve_and_unknown_kids_fail_clean
 }
 
 #[tokio::test]
+async fn a_reload_while_the_provider_is_down_keeps_the_last_good_keys() {
+    let mut gate = Gate::start(&config(1, 1), true);
+    wait_for_health(&gate, ServingStatus::Serving).await;
+    let seen = jwt(&gate).await;
+    let unseen = jwt(&gate).await;
+    assert_eq!(gate.check("/vehicles", &seen).await.status, 200);
+
+    gate.stop_provider();
+    gate.gatehouse
+        .wait_for_log("cannot fetch signing keys; keeping the last good ones");
+
+    // Only the `tokens` section changes: other identity headers, a smaller
+    // size limit. Neither has anything to do with the provider's keys.
+    let reloaded = format!(
+        "{}tokens:\n  max_bytes: 4096\n  forward:\n    client_id: x-reloaded-client\n",
+        config(1, 1)
+    );
+    assert!(gate.reload(&reloaded).await, "the file changed");
+    let (hits, misses) = cache_counts(&gate).await;
+
+    // The cached token is still cached, with the new header names applied.
+    let checked = gate.check("/vehicles", &seen).await;
+    assert_eq!(checked.status, 200, "{}", checked.body);
+    assert_eq!(
+        checked.headers.get("x-reloaded-client").map(String::as_str),
+        Some("demo-web"),
+        "the reload is in force: {:?}",
+        checked.headers
+    );
+    let (new_hits, new_misses) = cache_counts(&gate).await;
+    assert_eq!(
+        (new_hits - hits, new_misses - misses),
+        (1, 0),
+        "a cache hit"
+    );
+
+    // A token never seen is verified with the kept keys.
+    let checked = gate.check("/vehicles", &unseen).await;
+    assert_eq!(checked.status, 200, "keys kept: {}", checked.body);
+
+    // Readiness is polled every 500 ms: after three polls, still ready.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(health(&gate).await, Some(ServingStatus::Serving as i32));
+    assert!(
+        !gate.gatehouse.log().contains("ready=false"),
+        "readiness never dropped"
+    );
+}
+
+#[tokio::test]
 async fn a_provider_down_at_start_means_not_ready_and_503_until_keys_arrive() {
     let mut gate = Gate::start(&config(300, 10), false);
 
@@ -273,9 +304,11 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
 }
 
 /// JWKS fetches in 4 seconds by a Gatehouse whose provider says
-/// `max-age=<max_age>`, with the given bounds.
+/// `max-age=<max_age>`, with the given bounds and `refresh_seconds` at the
+/// upper one (which `max-age`, being set, overrides).
 async fn fetches_with_max_age(max_age: u64, min_refresh: u64, max_refresh: u64) -> u64 {
-    let mut gate = Gate::start(&config_bounded(300, min_refresh, max_refresh, 60), false);
+    let config = config_bounded(max_refresh, min_refresh, max_refresh, 60);
+    let mut gate = Gate::start(&config, false);
     gate.start_provider_with_max_age(max_age);
     wait_for_health(&gate, ServingStatus::Serving).await;
 

@@ -69,7 +69,9 @@ type FlowTask = tokio::task::JoinHandle<Vec<Sent>>;
 /// The rules every answer follows, whatever Redis does: an answer within
 /// the budget and some slack, never a 429, and `/open` always allowed.
 fn assert_every_answer_is_timely_and_possible(sent: &[Sent]) {
-    assert!(sent.len() > 20, "requests flowed: {}", sent.len());
+    // A loose floor: on a busy 2-core machine a debug-build Check can take
+    // tens of milliseconds, so the count says only that requests flowed.
+    assert!(sent.len() >= 10, "requests flowed: {}", sent.len());
     for one in sent {
         let took = one.ended - one.started;
         assert!(took < BUDGET + SLACK, "{one:?} took {took:?}");
@@ -135,11 +137,11 @@ async fn redis_killed_and_restarted_under_load() {
     assert_eq!(check(&channel, "/closed", "192.0.2.10").await.status, 200);
     let (stop, stopped) = watch::channel(false);
     let flowing = flow(&channel, "10.1", stopped);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let killed = Instant::now();
     limits::stop_redis(redis, port);
     let down = Instant::now();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.send(true).expect("the flow listens");
     let sent = flowing.await.expect("requests kept flowing");
 
@@ -248,7 +250,7 @@ async fn redis_frozen_and_thawed_under_load() {
     // Requests flow; Redis is frozen for a second, then thawed.
     let (stop, stopped) = watch::channel(false);
     let flowing = flow(&channel, "10.2", stopped);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let frozen = Frozen::new(port);
     let froze = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;

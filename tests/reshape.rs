@@ -420,9 +420,9 @@ async fn the_profile_header_picks_only_among_allowed_profiles() {
         let response = get(reqwest::Method::GET, "/vehicles", &partner, Some(asked)).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
-            header(&response, "vary"),
-            None,
-            "one allowed profile: no Vary"
+            header(&response, "vary").as_deref(),
+            Some("authorization"),
+            "one allowed profile: the shape varies by token only"
         );
         let body = checked_json(response).await;
         let first = &body["items"][0];
@@ -501,7 +501,7 @@ async fn a_token_claim_chooses_the_profile_before_the_client_entry() {
     // The header cannot bring the entry's profile back: the claim's is the
     // only one this client is allowed.
     let response = get(reqwest::Method::GET, "/vehicles", &kiosk, Some("mobile")).await;
-    assert_eq!(header(&response, "vary"), None);
+    assert_eq!(header(&response, "vary").as_deref(), Some("authorization"));
     assert_eq!(checked_json(response).await, body);
 
     let seen = last_request(stack().vehicles_port, "/vehicles").await;
@@ -805,6 +805,36 @@ async fn a_body_of_almost_one_mebibyte_is_reshaped() {
 }
 
 // === composite endpoints ===
+
+#[tokio::test]
+async fn a_composite_never_shows_more_of_a_part_than_its_own_route() {
+    let _serial = serial().await;
+    // The partner profile lists steps for `vehicles` only, none for the
+    // composite: its vehicles part is still shaped as /vehicles would be.
+    let token = support::token(
+        &stack().token_endpoint(),
+        PARTNER,
+        "vehicles:read stations:read",
+    )
+    .await;
+
+    let response = reqwest::Client::new()
+        .get(stack().url("/overview"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = checked_json(response).await;
+
+    let own = json_as("/vehicles", &token, None).await;
+    assert_eq!(body["vehicles"], own, "the part is what /vehicles gives");
+    let text = body.to_string();
+    for private in ["owner", "Ada Park", "vin", "internal"] {
+        assert!(!text.contains(private), "{private} in {body}");
+    }
+    assert!(body["stations"]["items"].is_array(), "{body}");
+}
 
 #[tokio::test]
 async fn a_composite_merges_both_services_for_the_caller_and_its_profile() {

@@ -32,17 +32,45 @@ pub fn until(expires_at: u64) -> Duration {
     Duration::from_secs(expires_at.saturating_sub(unix_now()))
 }
 
+/// A verified JWT, with the rules it passed.
+///
+/// The cache outlives reloads, so an entry names the version of its
+/// provider's rules (audiences, claims, leeway, algorithms, keys) that
+/// verified it: once those change, the entry no longer counts.
+#[derive(Clone)]
+pub struct Verified {
+    /// Who the token names.
+    pub identity: Arc<Identity>,
+    /// The [`Rules`] version that verified it.
+    pub rules: Rules,
+}
+
+/// One version of a provider's verification rules; every change, and every
+/// provider built anew, gets a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rules(u64);
+
+impl Rules {
+    /// A version no other has had.
+    pub fn next() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
 /// Verified JWTs live until their own `exp`.
 pub struct UntilExpiry;
 
-impl Expiry<Digest, Arc<Identity>> for UntilExpiry {
+impl Expiry<Digest, Verified> for UntilExpiry {
     fn expire_after_create(
         &self,
         _key: &Digest,
-        identity: &Arc<Identity>,
+        verified: &Verified,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(until(identity.expires_at))
+        Some(until(verified.identity.expires_at))
     }
 }
 

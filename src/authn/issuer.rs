@@ -1,54 +1,50 @@
-//! One provider's live state: its signing keys, refreshed in the background
-//! and refetched (single-flight, throttled) for an unknown `kid`, and the
-//! verification of the JWTs it signs.
+//! One provider's rules: the verification of the JWTs it signs, against
+//! the keys of its [`KeySource`] or, for HMAC, its configured secret.
+//!
+//! A provider whose algorithms are all HMAC has no key source: its key is
+//! the secret, so it is ready from the start and fetches nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::future::Cache;
 use serde_json::{Map, Value};
-use tokio::sync::Mutex;
 
-use super::cache::{Digest, unix_now};
+use super::cache::{Digest, Rules, Verified, unix_now};
 use super::jwt::{check_not_future, check_required, identity_from, map_jwt_error};
-use super::keys::{FetchError, KeyFetcher, KeySet};
+use super::keys::KeySettings;
+use super::source::KeySource;
 use super::{AuthnError, Identity};
 use crate::config::{Provider, is_hmac};
-use crate::metrics;
 
-/// How soon a failed background key refresh is retried.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
-
-/// A provider and the keys it publishes.
+/// A provider, its rules and where its keys come from.
 pub struct Issuer {
     provider: Provider,
-    /// The provider's position in the configuration, its metrics label.
-    index: usize,
-    fetcher: KeyFetcher,
-    keys: ArcSwap<KeySet>,
-    /// The introspection endpoint discovery named, when none is configured.
-    discovered_introspection: ArcSwapOption<String>,
-    /// When keys were last fetched because of an unknown `kid`; the lock also
-    /// makes that refetch single-flight.
-    last_refetch: Mutex<Option<Instant>>,
-    /// The verified-token cache shared by every provider, so that a
-    /// withdrawn key's tokens can be dropped from it.
-    verified: Cache<Digest, Arc<Identity>>,
+    /// This version of the rules; cached tokens verified under another
+    /// version no longer count.
+    rules: Rules,
+    /// The published keys; `None` when every accepted algorithm is HMAC.
+    source: Option<Arc<KeySource>>,
+    /// The verified-token cache shared by every provider.
+    verified: Cache<Digest, Verified>,
     hmac: Option<DecodingKey>,
 }
 
 impl Issuer {
-    /// An issuer with no keys yet, for the `index`th configured provider.
+    /// An issuer for the `index`th configured provider, with new rules.
+    ///
+    /// `kept` is the key source the previous configuration had for this
+    /// provider: it is used when its settings still match, so the keys and
+    /// their refresh carry over; otherwise a new source starts with no keys.
     ///
     /// # Errors
     ///
-    /// When the HTTP client cannot be built.
+    /// When the HTTP client of a new key source cannot be built.
     pub fn new(
         provider: &Provider,
         index: usize,
-        verified: Cache<Digest, Arc<Identity>>,
+        verified: Cache<Digest, Verified>,
+        kept: Option<&Arc<KeySource>>,
     ) -> Result<Self, reqwest::Error> {
         // Building an HMAC key only copies the bytes; should it ever fail,
         // HMAC tokens are refused, which is the safe side.
@@ -57,13 +53,23 @@ impl Issuer {
             .as_ref()
             .and_then(|secret| DecodingKey::from_secret(secret.as_bytes()).ok());
 
+        let source = if provider.uses_jwks() {
+            let settings = KeySettings::of(provider);
+            match kept {
+                Some(kept) if *kept.settings() == settings => {
+                    kept.set_index(index);
+                    Some(kept.clone())
+                }
+                _ => Some(Arc::new(KeySource::new(settings, index, verified.clone())?)),
+            }
+        } else {
+            None
+        };
+
         Ok(Self {
             provider: provider.clone(),
-            index,
-            fetcher: KeyFetcher::new(provider)?,
-            keys: ArcSwap::from_pointee(KeySet::default()),
-            discovered_introspection: ArcSwapOption::empty(),
-            last_refetch: Mutex::new(None),
+            rules: Rules::next(),
+            source,
             verified,
             hmac,
         })
@@ -74,9 +80,29 @@ impl Issuer {
         &self.provider
     }
 
-    /// Whether keys are loaded, which readiness reports.
+    /// Whether this issuer was built for exactly these settings, so that a
+    /// reload can keep it, rules version and all.
+    pub fn serves(&self, provider: &Provider) -> bool {
+        self.provider == *provider
+    }
+
+    /// This version of the rules.
+    pub fn rules(&self) -> Rules {
+        self.rules
+    }
+
+    /// The key source, when the provider uses a JWKS.
+    pub fn source(&self) -> Option<&Arc<KeySource>> {
+        self.source.as_ref()
+    }
+
+    /// Whether tokens can be verified: the JWKS keys are loaded, or, for a
+    /// provider with only HMAC algorithms, the secret is held.
     pub fn has_keys(&self) -> bool {
-        !self.keys.load().is_empty()
+        match &self.source {
+            Some(source) => source.has_keys(),
+            None => self.hmac.is_some(),
+        }
     }
 
     /// Where opaque tokens are introspected: the configured endpoint, or
@@ -85,73 +111,7 @@ impl Issuer {
         let introspection = self.provider.introspection.as_ref()?;
         match &introspection.endpoint {
             Some(endpoint) => Some(endpoint.clone()),
-            None => self
-                .discovered_introspection
-                .load_full()
-                .map(|e| (*e).clone()),
-        }
-    }
-
-    /// Fetches the keys now and swaps them in; returns how long they may be
-    /// kept (the response's `max-age` within the configured bounds).
-    ///
-    /// Cached tokens signed by a key that is no longer published are dropped
-    /// at once, so a withdrawn key stops working at the next refresh.
-    ///
-    /// # Errors
-    ///
-    /// When the provider cannot be reached; the previous keys stay in force.
-    pub async fn refresh(&self) -> Result<Duration, FetchError> {
-        let fetched = self.fetcher.fetch().await;
-        metrics::jwks_fetched(self.index, fetched.is_ok());
-        let fetched = fetched?;
-        let count = fetched.keys.keys.len();
-
-        self.install(fetched.keys);
-        if let Some(endpoint) = fetched.introspection_endpoint {
-            self.discovered_introspection
-                .store(Some(Arc::new(endpoint)));
-        }
-
-        let (low, high) = self.provider.refresh_bounds;
-        let keep = fetched
-            .max_age
-            .unwrap_or(self.provider.refresh)
-            .clamp(low, high);
-        tracing::debug!(
-            provider.issuer = %self.provider.issuer,
-            keys.count = count,
-            keys.next_refresh = ?keep,
-            "signing keys refreshed"
-        );
-        Ok(keep)
-    }
-
-    /// Puts `keys` in force and drops every cached token signed by a key
-    /// they no longer hold.
-    fn install(&self, keys: KeySet) {
-        let keys = Arc::new(keys);
-        let previous = self.keys.swap(keys.clone());
-        let withdrawn = previous.withdrawn_in(&keys);
-        if withdrawn.is_empty() {
-            return;
-        }
-
-        tracing::info!(
-            provider.issuer = %self.provider.issuer,
-            keys.withdrawn = ?withdrawn,
-            "signing keys withdrawn by the provider"
-        );
-        let issuer = self.provider.issuer.clone();
-        let dropped = self.verified.invalidate_entries_if(move |_, identity| {
-            identity.issuer == issuer
-                && identity
-                    .key_id
-                    .as_ref()
-                    .is_some_and(|kid| withdrawn.contains(kid))
-        });
-        if let Err(err) = dropped {
-            tracing::warn!(error = %err, "could not drop tokens of withdrawn keys");
+            None => self.source.as_ref()?.discovered_introspection(),
         }
     }
 
@@ -166,37 +126,18 @@ impl Issuer {
     /// drops every entry inserted before the withdrawal.
     pub async fn remember(&self, digest: Digest, identity: Arc<Identity>) {
         let key_id = identity.key_id.clone();
-        self.verified.insert(digest, identity).await;
+        let verified = Verified {
+            identity,
+            rules: self.rules,
+        };
+        self.verified.insert(digest, verified).await;
 
-        if let Some(kid) = key_id
-            && !self.keys.load().publishes(&kid)
-        {
+        let withdrawn = match (&key_id, &self.source) {
+            (Some(kid), Some(source)) => !source.publishes(kid),
+            _ => false,
+        };
+        if withdrawn {
             self.verified.invalidate(&digest).await;
-        }
-    }
-
-    /// Refreshes the keys when the last fetch says they go stale, and soon
-    /// after a failure, keeping the last good keys meanwhile.
-    ///
-    /// The loop holds only a weak reference, so it ends once a reload has
-    /// replaced this issuer and the last request using it is done.
-    pub async fn run_refresh(this: std::sync::Weak<Self>) {
-        loop {
-            let Some(issuer) = this.upgrade() else { return };
-            let wait = match issuer.refresh().await {
-                Ok(keep) => keep,
-                Err(err) => {
-                    tracing::warn!(
-                        provider.issuer = %issuer.provider.issuer,
-                        error = %err,
-                        "cannot fetch signing keys; keeping the last good ones"
-                    );
-                    RETRY_AFTER_FAILURE
-                }
-            };
-            drop(issuer);
-
-            tokio::time::sleep(wait).await;
         }
     }
 
@@ -223,14 +164,16 @@ impl Issuer {
         // HMAC only ever uses the configured secret, never a JWKS key.
         // The identity records the `kid` the key is published under (even
         // for a token that names none), so that withdrawing the key drops it.
-        // HMAC tokens name no published key.
+        // HMAC tokens name no published key. A provider without a key
+        // source accepts only HMAC, so the allow-list has refused the rest.
         let kid = header.kid.as_deref();
         let keys;
         let (decoding, key_id) = if is_hmac(header.alg) {
             let secret = self.hmac.as_ref().ok_or(AuthnError::AlgorithmRefused)?;
             (secret, None)
         } else {
-            keys = self.keys_for(kid).await?;
+            let source = self.source.as_ref().ok_or(AuthnError::AlgorithmRefused)?;
+            keys = source.keys_for(kid).await?;
             let (published, key) = keys.find(kid).ok_or(AuthnError::UnknownKey)?;
             if key.algorithm.is_some_and(|pinned| pinned != header.alg) {
                 return Err(AuthnError::AlgorithmRefused);
@@ -256,44 +199,6 @@ impl Issuer {
         check_required(claims, &self.provider.required_claims)
     }
 
-    /// The current keys, refetched first when they lack `kid`.
-    ///
-    /// Refetches are single-flight and at most one per `min_refetch`, so a
-    /// flood of tokens with random `kid`s cannot hammer the provider.
-    async fn keys_for(&self, kid: Option<&str>) -> Result<Arc<KeySet>, AuthnError> {
-        let keys = self.keys.load_full();
-        if keys.find(kid).is_some() {
-            return Ok(keys);
-        }
-
-        let mut last = self.last_refetch.lock().await;
-
-        // Another request may have refetched while this one waited.
-        let keys = self.keys.load_full();
-        if keys.find(kid).is_some() {
-            return Ok(keys);
-        }
-
-        let throttled = last.is_some_and(|at| at.elapsed() < self.provider.min_refetch);
-        if !throttled {
-            *last = Some(Instant::now());
-            if let Err(err) = self.refresh().await {
-                tracing::warn!(
-                    provider.issuer = %self.provider.issuer,
-                    error = %err,
-                    "refetching signing keys for an unknown kid failed"
-                );
-            }
-        }
-        drop(last);
-
-        let keys = self.keys.load_full();
-        if keys.is_empty() {
-            return Err(AuthnError::KeysUnavailable);
-        }
-        Ok(keys)
-    }
-
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut validation = Validation::new(alg);
         validation.set_issuer(&[&self.provider.issuer]);
@@ -306,8 +211,9 @@ impl Issuer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::HashMap;
+    use std::time::Duration;
 
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -316,7 +222,7 @@ mod tests {
 
     use super::*;
     use crate::authn::cache::{UntilExpiry, digest};
-    use crate::authn::keys::Key;
+    use crate::authn::keys::{Key, KeySet};
 
     /// A throwaway Ed25519 key pair made for these tests: the PKCS#8 private
     /// key and the public key's `x`.
@@ -324,7 +230,8 @@ mod tests {
     const PUBLIC_X: &str = "b0eg97FWOnyuDioc6LhlUANg2lgWUM4HSlxRFi9vTCs";
     const ISSUER: &str = "https://issuer.test";
 
-    fn provider() -> Provider {
+    /// A provider of EdDSA tokens at [`ISSUER`], audience `api`.
+    pub(in crate::authn) fn provider() -> Provider {
         Provider {
             issuer: ISSUER.to_owned(),
             audiences: vec!["api".to_owned()],
@@ -346,11 +253,16 @@ mod tests {
             .expire_after(UntilExpiry)
             .support_invalidation_closures()
             .build();
-        Issuer::new(&provider(), 0, verified).expect("an issuer")
+        Issuer::new(&provider(), 0, verified, None).expect("an issuer")
+    }
+
+    /// Puts `keys` in force at `issuer`'s key source.
+    fn install(issuer: &Issuer, keys: KeySet) {
+        issuer.source().expect("a key source").install(keys);
     }
 
     /// A key set holding the test key under `kid`.
-    fn key_set(kid: &str) -> KeySet {
+    pub(in crate::authn) fn key_set(kid: &str) -> KeySet {
         let decoding = DecodingKey::from_ed_components(PUBLIC_X).expect("the public key");
         let key = Key {
             decoding,
@@ -362,7 +274,7 @@ mod tests {
     }
 
     /// A token signed with the test key, naming `kid` when given.
-    fn token(kid: Option<&str>) -> String {
+    pub(in crate::authn) fn token(kid: Option<&str>) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = kid.map(str::to_owned);
         let claims = json!({
@@ -384,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn a_token_without_kid_is_dropped_when_its_only_key_is_withdrawn() {
         let issuer = issuer();
-        issuer.install(key_set("only-key"));
+        install(&issuer, key_set("only-key"));
         let token = token(None);
 
         let identity = Arc::new(issuer.verify(&token).await.expect("verified"));
@@ -392,20 +304,20 @@ mod tests {
         issuer.remember(digest(&token), identity).await;
         assert!(cached(&issuer, &token).await);
 
-        issuer.install(key_set("next-key"));
+        install(&issuer, key_set("next-key"));
         assert!(!cached(&issuer, &token).await, "dropped with its key");
     }
 
     #[tokio::test]
     async fn a_verification_that_outlives_its_key_leaves_nothing_cached() {
         let issuer = issuer();
-        issuer.install(key_set("old"));
+        install(&issuer, key_set("old"));
         let token = token(Some("old"));
         let identity = Arc::new(issuer.verify(&token).await.expect("verified"));
 
         // The refresh withdraws the key while the verification is still on
         // its way to the cache, then the verification files its result.
-        issuer.install(key_set("new"));
+        install(&issuer, key_set("new"));
         issuer.remember(digest(&token), identity).await;
 
         assert!(!cached(&issuer, &token).await, "a withdrawn key's token");
@@ -414,15 +326,79 @@ mod tests {
     #[tokio::test]
     async fn a_token_whose_key_stays_published_stays_cached() {
         let issuer = issuer();
-        issuer.install(key_set("kept"));
+        install(&issuer, key_set("kept"));
         let token = token(Some("kept"));
         let identity = Arc::new(issuer.verify(&token).await.expect("verified"));
         issuer.remember(digest(&token), identity).await;
 
         let mut both = key_set("kept");
         both.keys.extend(key_set("added").keys);
-        issuer.install(both);
+        install(&issuer, both);
 
         assert!(cached(&issuer, &token).await);
+    }
+
+    #[tokio::test]
+    async fn a_provider_with_only_hmac_algorithms_is_ready_without_fetching() {
+        let secret = "a-shared-secret-of-at-least-32-bytes!";
+        let hmac_only = Provider {
+            jwks_uri: None,
+            algorithms: vec![Algorithm::HS256],
+            hmac_secret: Some(secret.to_owned()),
+            ..provider()
+        };
+        let verified = Cache::builder().expire_after(UntilExpiry).build();
+        let issuer = Issuer::new(&hmac_only, 0, verified, None).expect("an issuer");
+
+        assert!(issuer.source().is_none(), "nothing to fetch");
+        assert!(issuer.has_keys(), "ready from the start");
+        let claims = json!({
+            "iss": ISSUER, "aud": "api", "client_id": "c", "exp": unix_now() + 300,
+        });
+        let key = EncodingKey::from_secret(secret.as_bytes()).expect("an hmac key");
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).expect("a token");
+        let identity = issuer
+            .verify(&token)
+            .await
+            .expect("verified with the secret");
+        assert_eq!(identity.key_id, None);
+
+        // With an asymmetric algorithm too, the JWKS is needed again.
+        let mixed = Provider {
+            algorithms: vec![Algorithm::HS256, Algorithm::EdDSA],
+            ..hmac_only
+        };
+        let verified = Cache::builder().expire_after(UntilExpiry).build();
+        let issuer = Issuer::new(&mixed, 0, verified, None).expect("an issuer");
+        assert!(issuer.source().is_some());
+        assert!(!issuer.has_keys(), "not ready before the JWKS is fetched");
+    }
+
+    #[tokio::test]
+    async fn a_new_issuer_keeps_the_key_source_while_its_settings_match() {
+        let first = issuer();
+        install(&first, key_set("kept"));
+        let kept = first.source().expect("a key source");
+
+        // Other audiences: new rules, the same keys.
+        let audiences = Provider {
+            audiences: vec!["other".to_owned()],
+            ..provider()
+        };
+        let second =
+            Issuer::new(&audiences, 0, first.verified.clone(), Some(kept)).expect("an issuer");
+        assert!(Arc::ptr_eq(second.source().expect("a source"), kept));
+        assert!(second.has_keys());
+        assert_ne!(second.rules(), first.rules());
+
+        // Another JWKS location: a new source, which has no keys yet.
+        let moved = Provider {
+            jwks_uri: Some(format!("{ISSUER}/other-jwks")),
+            ..provider()
+        };
+        let third = Issuer::new(&moved, 0, first.verified.clone(), Some(kept)).expect("an issuer");
+        assert!(!Arc::ptr_eq(third.source().expect("a source"), kept));
+        assert!(!third.has_keys());
     }
 }

@@ -111,6 +111,44 @@ pub struct Fetched {
     pub max_age: Option<Duration>,
 }
 
+/// What fetching and refreshing one provider's keys depends on. A reload
+/// that leaves these equal keeps the provider's keys and their refresh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeySettings {
+    /// The issuer, whose discovery document names the JWKS.
+    pub issuer: String,
+    /// The explicit JWKS location; discovery when `None`.
+    pub jwks_uri: Option<String>,
+    /// Whether discovery is needed for the introspection endpoint.
+    pub discover_introspection: bool,
+    /// Budget for one discovery or JWKS request.
+    pub fetch_timeout: Duration,
+    /// Background refresh period when the JWKS sets no `max-age`.
+    pub refresh: Duration,
+    /// Bounds on the refresh period.
+    pub refresh_bounds: (Duration, Duration),
+    /// Minimum time between refetches caused by an unknown `kid`.
+    pub min_refetch: Duration,
+}
+
+impl KeySettings {
+    /// The key settings of `provider`.
+    pub fn of(provider: &Provider) -> Self {
+        Self {
+            issuer: provider.issuer.clone(),
+            jwks_uri: provider.jwks_uri.clone(),
+            discover_introspection: provider
+                .introspection
+                .as_ref()
+                .is_some_and(|introspection| introspection.endpoint.is_none()),
+            fetch_timeout: provider.fetch_timeout,
+            refresh: provider.refresh,
+            refresh_bounds: provider.refresh_bounds,
+            min_refetch: provider.min_refetch,
+        }
+    }
+}
+
 /// Fetches documents from the provider within its time budget.
 #[derive(Clone)]
 pub struct KeyFetcher {
@@ -122,28 +160,24 @@ pub struct KeyFetcher {
 }
 
 impl KeyFetcher {
-    /// A fetcher for `provider`, each request bounded by its fetch timeout.
+    /// A fetcher for these settings, each request bounded by their fetch
+    /// timeout.
     ///
     /// # Errors
     ///
     /// When the HTTP client cannot be built (no TLS roots, say).
-    pub fn new(provider: &Provider) -> Result<Self, reqwest::Error> {
+    pub fn new(settings: &KeySettings) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .timeout(provider.fetch_timeout)
-            .connect_timeout(provider.fetch_timeout)
+            .timeout(settings.fetch_timeout)
+            .connect_timeout(settings.fetch_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
 
-        let discover_introspection = provider
-            .introspection
-            .as_ref()
-            .is_some_and(|introspection| introspection.endpoint.is_none());
-
         Ok(Self {
             http,
-            issuer: provider.issuer.clone(),
-            jwks_uri: provider.jwks_uri.clone(),
-            discover_introspection,
+            issuer: settings.issuer.clone(),
+            jwks_uri: settings.jwks_uri.clone(),
+            discover_introspection: settings.discover_introspection,
         })
     }
 

@@ -11,15 +11,17 @@ mod introspection;
 mod issuer;
 mod jwt;
 mod keys;
+mod source;
 
-use std::sync::{Arc, Weak};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use moka::future::Cache;
 use serde_json::{Map, Value};
 
 use crate::config::{Provider, TokenKind, Tokens};
 use crate::metrics::Counter;
-use cache::{Digest, UntilExpiry, digest, unix_now};
+use cache::{Digest, Rules, UntilExpiry, Verified, digest, unix_now};
 use introspection::Introspector;
 use issuer::Issuer;
 pub use keys::FetchError;
@@ -180,40 +182,84 @@ pub struct Credentials<'a> {
 
 /// Verifies bearer tokens for every configured provider.
 pub struct Authenticator {
-    providers: Vec<Provider>,
     tokens: Tokens,
     issuers: Vec<Arc<Issuer>>,
-    verified: Cache<Digest, Arc<Identity>>,
+    verified: Cache<Digest, Verified>,
     /// The provider that introspects opaque tokens, with its client.
-    introspection: Option<(Arc<Issuer>, Introspector)>,
+    introspection: Option<(Arc<Issuer>, Arc<Introspector>)>,
 }
 
 impl Authenticator {
-    /// An authenticator with no keys yet; call [`Authenticator::spawn_refresh`].
+    /// An authenticator for these settings; call
+    /// [`Authenticator::spawn_refresh`] to start fetching keys.
+    ///
+    /// With the authenticator of the configuration in force as `previous`,
+    /// whatever these settings leave valid carries over: a provider's key
+    /// source (its keys, even the last good ones of a provider that is
+    /// down, and its refresh) while its key settings are unchanged; its
+    /// cached verified tokens while none of its settings changed; the
+    /// introspection verdicts likewise. `tokens` never touches either, so a
+    /// change there keeps everything.
     ///
     /// # Errors
     ///
     /// When an HTTP client cannot be built.
-    pub fn new(providers: &[Provider], tokens: &Tokens) -> Result<Self, reqwest::Error> {
-        let verified = Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
-            .expire_after(UntilExpiry)
-            .support_invalidation_closures()
-            .build();
+    pub fn new(
+        providers: &[Provider],
+        tokens: &Tokens,
+        previous: Option<&Authenticator>,
+    ) -> Result<Self, reqwest::Error> {
+        let verified = match previous {
+            Some(previous) => previous.verified.clone(),
+            None => Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .expire_after(UntilExpiry)
+                .support_invalidation_closures()
+                .build(),
+        };
 
         let mut issuers = Vec::with_capacity(providers.len());
         let mut introspection = None;
         for (index, provider) in providers.iter().enumerate() {
-            let issuer = Arc::new(Issuer::new(provider, index, verified.clone())?);
+            let before = previous.and_then(|previous| previous.issuer(&provider.issuer));
+            let issuer = match before {
+                Some(before) if before.serves(provider) => {
+                    if let Some(source) = before.source() {
+                        source.set_index(index);
+                    }
+                    before.clone()
+                }
+                _ => {
+                    let kept = before.and_then(|before| before.source());
+                    Arc::new(Issuer::new(provider, index, verified.clone(), kept)?)
+                }
+            };
+
             if let Some(settings) = &provider.introspection {
-                let introspector = Introspector::new(provider, settings)?;
+                let introspector = match previous.and_then(|p| p.introspection.as_ref()) {
+                    Some((before, introspector)) if before.provider() == provider => {
+                        introspector.clone()
+                    }
+                    _ => Arc::new(Introspector::new(provider, settings)?),
+                };
                 introspection = Some((issuer.clone(), introspector));
             }
             issuers.push(issuer);
         }
 
+        // Tokens verified under rules no longer in force would be refused
+        // on their next use anyway (see `cached`); dropping them now frees
+        // their room.
+        if previous.is_some() {
+            let live: HashSet<Rules> = issuers.iter().map(|issuer| issuer.rules()).collect();
+            let dropped =
+                verified.invalidate_entries_if(move |_, entry| !live.contains(&entry.rules));
+            if let Err(err) = dropped {
+                tracing::warn!(error = %err, "could not drop tokens verified under old rules");
+            }
+        }
+
         Ok(Self {
-            providers: providers.to_vec(),
             tokens: tokens.clone(),
             issuers,
             verified,
@@ -221,23 +267,25 @@ impl Authenticator {
         })
     }
 
-    /// Whether this authenticator was built for these settings, so a reload
-    /// that changes none of them keeps its keys and caches.
-    pub fn serves(&self, providers: &[Provider], tokens: &Tokens) -> bool {
-        self.providers == providers && &self.tokens == tokens
-    }
-
-    /// Starts each provider's background key refresh.
+    /// Starts the background key refresh of each provider's key source that
+    /// does not run one yet.
     pub fn spawn_refresh(&self) {
-        for issuer in &self.issuers {
-            let weak: Weak<Issuer> = Arc::downgrade(issuer);
-            tokio::spawn(Issuer::run_refresh(weak));
+        for source in self.issuers.iter().filter_map(|issuer| issuer.source()) {
+            source.spawn_refresh();
         }
     }
 
-    /// Whether every provider's keys are loaded, which readiness reports.
+    /// Whether every provider can verify its tokens (JWKS keys loaded, or
+    /// only HMAC with its secret), which readiness reports.
     pub fn has_keys(&self) -> bool {
         self.issuers.iter().all(|issuer| issuer.has_keys())
+    }
+
+    /// The issuer configured for `iss`.
+    fn issuer(&self, iss: &str) -> Option<&Arc<Issuer>> {
+        self.issuers
+            .iter()
+            .find(|issuer| issuer.provider().issuer == iss)
     }
 
     /// Verifies the request's bearer token, of a kind in `kinds`, and
@@ -283,10 +331,10 @@ impl Authenticator {
         Counter::TokenCacheMiss.inc();
 
         let peeked = jwt::peek(&token)?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|issuer| peeked.issuer.as_deref() == Some(issuer.provider().issuer.as_str()))
+        let issuer = peeked
+            .issuer
+            .as_deref()
+            .and_then(|iss| self.issuer(iss))
             .ok_or(AuthnError::WrongIssuer)?;
 
         let identity = Arc::new(issuer.verify(&token).await?);
@@ -294,17 +342,142 @@ impl Authenticator {
         Ok(identity)
     }
 
-    /// A verified identity for this token, while it is within its `exp`.
+    /// A verified identity for this token, while it is within its `exp` and
+    /// its provider's rules are the ones that verified it.
     async fn cached(&self, digest: &Digest) -> Option<Arc<Identity>> {
-        let identity = self.verified.get(digest).await?;
+        let Verified { identity, rules } = self.verified.get(digest).await?;
+
+        // A reload may have changed the provider's audiences, claims or
+        // keys since: then the token is verified again under the new rules.
+        let issuer = self.issuer(&identity.issuer)?;
+        if issuer.rules() != rules {
+            return None;
+        }
 
         // The same leeway as verification, so a token in its grace period is
         // not verified again on every request.
-        let leeway = self
-            .issuers
-            .iter()
-            .find(|issuer| issuer.provider().issuer == identity.issuer)
-            .map(|issuer| issuer.provider().leeway.as_secs())?;
+        let leeway = issuer.provider().leeway.as_secs();
         (identity.expires_at.saturating_add(leeway) > unix_now()).then_some(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::issuer::tests::{key_set, provider, token};
+    use super::*;
+    use crate::config::Forward;
+
+    fn tokens(max_bytes: usize, client_id: &str) -> Tokens {
+        Tokens {
+            max_bytes,
+            allow_query: false,
+            forward: Forward {
+                client_id: Some(client_id.to_owned()),
+                subject: None,
+                scopes: None,
+                claims: Vec::new(),
+            },
+        }
+    }
+
+    async fn authenticate(authn: &Authenticator, token: &str) -> Result<Arc<Identity>, AuthnError> {
+        let authorization = format!("Bearer {token}");
+        let credentials = Credentials {
+            authorization: Some(&authorization),
+            path: "/vehicles",
+        };
+        authn.authenticate(credentials, &[TokenKind::Jwt]).await
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_keys_and_cached_tokens_its_changes_leave_valid() {
+        let first = Authenticator::new(&[provider()], &tokens(8192, "x-a"), None).expect("built");
+        let source = first.issuers[0].source().expect("a key source").clone();
+        source.install(key_set("k"));
+        let token = token(Some("k"));
+        authenticate(&first, &token).await.expect("verified");
+        assert!(first.cached(&digest(&token)).await.is_some());
+
+        // Other forward names and another size limit leave the provider,
+        // its keys and its cached tokens alone.
+        let second =
+            Authenticator::new(&[provider()], &tokens(4096, "x-b"), Some(&first)).expect("built");
+        assert!(Arc::ptr_eq(&second.issuers[0], &first.issuers[0]));
+        assert!(second.has_keys());
+        assert!(
+            second.cached(&digest(&token)).await.is_some(),
+            "still cached"
+        );
+
+        // Other audiences keep the keys, but the cached verdict was reached
+        // under the old ones: the token is checked again, and refused.
+        let narrower = Provider {
+            audiences: vec!["other".to_owned()],
+            ..provider()
+        };
+        let third =
+            Authenticator::new(&[narrower], &tokens(4096, "x-b"), Some(&second)).expect("built");
+        assert!(Arc::ptr_eq(
+            third.issuers[0].source().expect("a source"),
+            &source
+        ));
+        assert!(third.has_keys(), "the keys are kept");
+        assert!(third.cached(&digest(&token)).await.is_none());
+        let refused = authenticate(&third, &token).await;
+        assert!(
+            matches!(refused, Err(AuthnError::WrongAudience)),
+            "{refused:?}"
+        );
+
+        // The old version, still serving requests in flight, keeps its own
+        // rules.
+        assert!(authenticate(&second, &token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_adds_a_provider_before_another_keeps_the_others_keys() {
+        let first = Authenticator::new(&[provider()], &tokens(8192, "x-a"), None).expect("built");
+        first.issuers[0]
+            .source()
+            .expect("a source")
+            .install(key_set("k"));
+        let token = token(Some("k"));
+        authenticate(&first, &token).await.expect("verified");
+
+        let added = Provider {
+            issuer: "https://added.test".to_owned(),
+            jwks_uri: Some("https://added.test/jwks".to_owned()),
+            ..provider()
+        };
+        let both = [added, provider()];
+        let second = Authenticator::new(&both, &tokens(8192, "x-a"), Some(&first)).expect("built");
+
+        assert!(
+            Arc::ptr_eq(&second.issuers[1], &first.issuers[0]),
+            "moved, kept"
+        );
+        assert!(second.issuers[1].has_keys());
+        assert!(!second.has_keys(), "the new provider has no keys yet");
+        assert!(second.cached(&digest(&token)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_moves_the_jwks_starts_with_no_keys() {
+        let first = Authenticator::new(&[provider()], &tokens(8192, "x-a"), None).expect("built");
+        first.issuers[0]
+            .source()
+            .expect("a source")
+            .install(key_set("k"));
+        let token = token(Some("k"));
+        authenticate(&first, &token).await.expect("verified");
+
+        let moved = Provider {
+            jwks_uri: Some("https://issuer.test/other".to_owned()),
+            ..provider()
+        };
+        let second =
+            Authenticator::new(&[moved], &tokens(8192, "x-a"), Some(&first)).expect("built");
+        assert!(!second.has_keys(), "keys come from the new location");
+        assert!(second.cached(&digest(&token)).await.is_none());
     }
 }

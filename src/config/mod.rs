@@ -334,6 +334,9 @@ pub struct Part {
     pub url: String,
     /// How long the call may take.
     pub timeout: Duration,
+    /// The path as configured, by which the route that serves the part on
+    /// its own is found (see `shaping::part_steps`).
+    pub path: String,
 }
 
 /// Composite parts may not take longer than this: Envoy's ext_proc
@@ -1009,6 +1012,7 @@ fn compile_composite(
             key: part.key.value,
             url: format!("{}{}", upstream.unwrap_or_default(), part.path.value),
             timeout,
+            path: part.path.value,
         });
     }
 

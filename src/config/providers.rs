@@ -21,8 +21,9 @@ const MAX_FETCH_TIMEOUT_MS: u64 = 400;
 const MAX_INTROSPECTION_MS: u64 = 800;
 
 /// The longest a Check may wait for one provider, and why: an unknown `kid`
-/// costs a JWKS fetch, after a discovery fetch when discovery is used; an
-/// opaque token costs one introspection call. The slowest provider counts.
+/// costs a JWKS fetch, after a discovery fetch when discovery is used (a
+/// provider with only HMAC algorithms fetches nothing); an opaque token
+/// costs one introspection call. The slowest provider counts.
 pub(super) fn slowest_token_check(providers: &[Provider]) -> Option<(Duration, String)> {
     let mut slowest: Option<(Duration, String)> = None;
 
@@ -32,7 +33,9 @@ pub(super) fn slowest_token_check(providers: &[Provider]) -> Option<(Duration, S
                 .introspection
                 .as_ref()
                 .is_some_and(|introspection| introspection.endpoint.is_none());
-        let (fetches, what) = if discovers {
+        let (fetches, what) = if !provider.uses_jwks() {
+            (0, "no key fetch")
+        } else if discovers {
             (2, "discovery and JWKS fetched in a row")
         } else {
             (1, "a JWKS fetch")
@@ -55,6 +58,9 @@ pub(super) fn slowest_token_check(providers: &[Provider]) -> Option<(Duration, S
     slowest
 }
 
+/// The key refresh period when neither the file nor the JWKS sets one.
+const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+
 /// The most clock skew a provider may be granted: five minutes is already
 /// generous, and the time checks subtract it from the clock.
 pub const MAX_LEEWAY_SECONDS: u64 = 300;
@@ -72,6 +78,8 @@ pub struct ProviderSection {
     pub audiences: Spanned<Vec<String>>,
 
     /// Where the signing keys are; found by OIDC discovery when absent.
+    /// Refused on a provider whose algorithms are all HMAC, which fetches
+    /// no keys.
     #[serde(default)]
     pub jwks_uri: Option<Spanned<String>>,
 
@@ -83,9 +91,11 @@ pub struct ProviderSection {
     #[serde(default = "default_fetch_timeout", deserialize_with = "strict")]
     pub fetch_timeout_ms: Spanned<u64>,
 
-    /// Key refresh period when the JWKS response sets no `max-age`, in seconds.
-    #[serde(default = "default_refresh", deserialize_with = "strict")]
-    pub refresh_seconds: u64,
+    /// Key refresh period when the JWKS response sets no `max-age`, in
+    /// seconds; within `min_refresh_seconds` and `max_refresh_seconds`.
+    /// When absent, 300 moved into those bounds.
+    #[serde(default, deserialize_with = "strict")]
+    pub refresh_seconds: Option<Spanned<u64>>,
 
     /// Lower bound on the refresh period, whatever `max-age` says, in seconds.
     #[serde(default = "default_min_refresh", deserialize_with = "strict")]
@@ -105,6 +115,8 @@ pub struct ProviderSection {
     pub algorithms: Vec<Spanned<Algorithm>>,
 
     /// The shared secret for HMAC tokens; HS256/384/512 are refused without it.
+    /// A provider with only HMAC algorithms is ready from the start: its key
+    /// is this secret, so it needs no JWKS and no discovery.
     #[serde(default)]
     pub hmac_secret: Option<Spanned<String>>,
 
@@ -232,10 +244,6 @@ fn default_leeway() -> Spanned<u64> {
 
 fn default_fetch_timeout() -> Spanned<u64> {
     unplaced(300)
-}
-
-fn default_refresh() -> u64 {
-    300
 }
 
 fn default_min_refresh() -> Spanned<u64> {
@@ -465,6 +473,13 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
         let message = "must be at least 1 and at most max_refresh_seconds";
         let location = placed(&min_refresh.referenced).unwrap_or(&max_refresh.referenced);
         problems.add(Some(location), at("min_refresh_seconds"), message);
+    } else if let Some(refresh) = &raw.refresh_seconds
+        && (refresh.value < min_refresh.value || refresh.value > max_refresh.value)
+    {
+        // The period is clamped into the bounds like any `max-age`, so one
+        // written outside them would silently mean another period.
+        let message = "must be between min_refresh_seconds and max_refresh_seconds";
+        problems.add(Some(&refresh.referenced), at("refresh_seconds"), message);
     }
 
     // The time checks compute `now - leeway`; a bound keeps that sane and
@@ -524,6 +539,24 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
             RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
         ];
     }
+    // With only HMAC algorithms the secret is the whole key: nothing is
+    // fetched, so a JWKS or discovery setting would be dead weight.
+    let hmac_only = !raw.algorithms.is_empty() && algorithms.iter().copied().all(is_hmac);
+    if hmac_only {
+        if let Some(jwks_uri) = &raw.jwks_uri {
+            let message = "a provider with only HMAC algorithms fetches no keys: remove jwks_uri";
+            problems.add(Some(&jwks_uri.referenced), at("jwks_uri"), message);
+        }
+        // The endpoint is missing: the line is that of its section.
+        if let Some(introspection) = &raw.introspection
+            && introspection.value.endpoint.is_none()
+        {
+            let message =
+                "a provider with only HMAC algorithms does no discovery: set the endpoint";
+            let location = Some(&introspection.referenced);
+            problems.add(location, at("introspection.endpoint"), message);
+        }
+    }
     if let Some(secret) = &raw.hmac_secret {
         if secret.value.len() < 32 {
             let message = "must be at least 32 bytes";
@@ -561,19 +594,31 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
         Duration::from_secs(raw.min_refresh_seconds.value.max(1)),
         Duration::from_secs(raw.max_refresh_seconds.value.max(1)),
     );
+    let refresh = match &raw.refresh_seconds {
+        Some(refresh) => Duration::from_secs(refresh.value),
+        None => DEFAULT_REFRESH.max(bounds.0).min(bounds.1),
+    };
     Provider {
         issuer: raw.issuer.value,
         audiences: raw.audiences.value,
         jwks_uri: raw.jwks_uri.map(|uri| uri.value),
         leeway: Duration::from_secs(raw.leeway_seconds.value.min(MAX_LEEWAY_SECONDS)),
         fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms.value),
-        refresh: Duration::from_secs(raw.refresh_seconds.max(1)),
+        refresh,
         refresh_bounds: bounds,
         min_refetch: Duration::from_secs(raw.min_refetch_seconds.value.max(1)),
         algorithms,
         hmac_secret: raw.hmac_secret.map(|secret| secret.value),
         required_claims: raw.required_claims,
         introspection,
+    }
+}
+
+impl Provider {
+    /// Whether tokens are verified with keys from a JWKS: false only when
+    /// every accepted algorithm is HMAC, whose key is the configured secret.
+    pub fn uses_jwks(&self) -> bool {
+        !self.algorithms.iter().copied().all(is_hmac)
     }
 }
 
@@ -803,6 +848,70 @@ tokens:
         let defaults = load(&provider("")).expect("valid");
         assert_eq!(defaults.providers[0].leeway, Duration::from_secs(30));
         assert_eq!(defaults.providers[0].min_refetch, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_refresh_period_must_lie_within_its_bounds() {
+        let provider = |extra: &str| {
+            format!("provider:\n  issuer: https://a.example\n  audiences: [api]\n{extra}{ROUTES}")
+        };
+        let expected = "provider.refresh_seconds: must be between min_refresh_seconds and \
+                        max_refresh_seconds";
+
+        // Below the default lower bound (30 s), and above a configured upper one.
+        let below = problems(&provider("  refresh_seconds: 10\n"));
+        assert!(below.contains(&format!("g.yaml:4: {expected}")), "{below}");
+        let above = problems(&provider(
+            "  max_refresh_seconds: 60\n  refresh_seconds: 61\n",
+        ));
+        assert!(above.contains(&format!("g.yaml:5: {expected}")), "{above}");
+
+        let config = load(&provider(
+            "  min_refresh_seconds: 5\n  max_refresh_seconds: 60\n  refresh_seconds: 5\n",
+        ))
+        .expect("a period on a bound is valid");
+        assert_eq!(config.providers[0].refresh, Duration::from_secs(5));
+
+        // Unwritten, the default (300 s) moves into the bounds instead.
+        let config = load(&provider("  max_refresh_seconds: 60\n")).expect("valid");
+        assert_eq!(config.providers[0].refresh, Duration::from_secs(60));
+        let config = load(&provider("")).expect("valid");
+        assert_eq!(config.providers[0].refresh, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_provider_with_only_hmac_algorithms_needs_no_jwks() {
+        let secret = "a-shared-secret-of-at-least-32-bytes!";
+        let provider = |algorithms: &str, extra: &str| {
+            format!(
+                "provider:\n  issuer: https://a.example\n  audiences: [api]\n  \
+                 algorithms: {algorithms}\n  hmac_secret: {secret}\n{extra}{ROUTES}"
+            )
+        };
+
+        let config = load(&provider("[HS256, HS512]", "")).expect("valid without jwks_uri");
+        assert!(!config.providers[0].uses_jwks());
+        let mixed = load(&provider("[HS256, RS256]", "")).expect("valid");
+        assert!(mixed.providers[0].uses_jwks(), "RS256 still needs a JWKS");
+
+        let err = problems(&provider("[HS256]", "  jwks_uri: https://a.example/keys\n"));
+        assert!(
+            err.contains("g.yaml:6: provider.jwks_uri: a provider with only HMAC algorithms"),
+            "{err}"
+        );
+        let introspection = "  introspection:\n    client_id: g\n    client_secret: s\n";
+        let err = problems(&provider("[HS256]", introspection));
+        assert!(
+            err.contains("provider.introspection.endpoint: a provider with only HMAC"),
+            "{err}"
+        );
+        let endpoint = format!("{introspection}    endpoint: https://a.example/introspect\n");
+        load(&provider("[HS256]", &endpoint)).expect("an explicit endpoint needs no discovery");
+        load(&provider(
+            "[HS256, RS256]",
+            "  jwks_uri: https://a.example/keys\n",
+        ))
+        .expect("a mixed provider may name its JWKS");
     }
 
     #[test]

@@ -174,7 +174,10 @@ impl Exchange {
             .unwrap_or_default();
         let forward = composite::forwarded(request_headers, &self.runtime.config.tokens.forward);
 
-        let steps = shaping::steps_for(&self.runtime, &self.metadata);
+        let steps = composite::Shaping {
+            parts: shaping::part_steps(&self.runtime, &self.metadata, &composite),
+            whole: shaping::steps_for(&self.runtime, &self.metadata),
+        };
         let max_body_bytes = self.runtime.config.reshape.max_body_bytes;
         let answer = composite::answer(&composite, &forward, steps, max_body_bytes).await;
         tracing::debug!(

@@ -281,7 +281,9 @@ impl Limiter {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
-    /// Whether decisions can be made now, which readiness reports.
+    /// Whether the store has been reached at least once. A Redis that goes
+    /// away later still counts as ready: each call then fails within its
+    /// budget and the policy's failure mode decides.
     pub fn is_ready(&self) -> bool {
         match &self.store {
             Store::Redis(store) => store.is_connected(),

@@ -35,7 +35,8 @@ pub const MAX_DEPTH: usize = 128;
 pub type Profile = Vec<Step>;
 
 /// Reshaping would build more than the limit allows: `flatten` copies each
-/// key's whole prefix into every key below it, so a small body can ask for
+/// key's whole prefix into every key below it, and `defaults` or `rename`
+/// add the same fields to every element, so a small body can ask for
 /// gigabytes. The caller should pass the original body unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("reshaped body would be larger than {limit} bytes")]
@@ -77,14 +78,16 @@ pub fn validate(steps: &[Step]) -> Result<(), StepError> {
 /// paths do not reach are left alone, and steps that [`validate`] would
 /// refuse are skipped or clamped.
 ///
-/// `max_bytes` bounds the keys that each `flatten` step writes, over all
-/// the objects it flattens; the check runs before each object is
-/// flattened, so the work stays small however hostile the body.
+/// `max_bytes` bounds what each step that can grow a body adds to it, over
+/// every place the step reaches: the keys a `flatten` writes, the fields
+/// and values a `defaults` fills in, the objects a `rename` creates on its
+/// way. Each is charged before it is built, so the work stays small
+/// however hostile the body.
 ///
 /// # Errors
 ///
-/// [`TooLarge`] when a `flatten` would write more than `max_bytes` of keys.
-/// The body is then partly reshaped and should be discarded.
+/// [`TooLarge`] when one step would add more than `max_bytes`. The body
+/// is then partly reshaped and should be discarded.
 pub fn apply(steps: &[Step], body: &mut Value, max_bytes: u64) -> Result<(), TooLarge> {
     for step in steps {
         let mut budget = ops::Budget::new(max_bytes);
@@ -115,14 +118,33 @@ pub fn apply_to_bytes(steps: &[Step], bytes: &[u8], max_bytes: u64) -> Result<Ve
         return Err(err.into());
     }
 
+    let written = write_bounded(&body, max_bytes, bytes.len());
+    ops::discard(body);
+    written
+}
+
+/// Writes a value as compact JSON of at most `max_bytes`, for bodies that
+/// were built rather than parsed (a composite's merged parts). Writing
+/// stops at the limit, so a value too large to send is never written in
+/// full.
+///
+/// # Errors
+///
+/// [`BodyError::TooLarge`] when the JSON would pass `max_bytes`;
+/// [`BodyError::Serialize`] if serde_json fails, which values built from
+/// JSON do not make it do.
+pub fn to_bytes_bounded(body: &Value, max_bytes: u64) -> Result<Vec<u8>, BodyError> {
+    write_bounded(body, max_bytes, 0)
+}
+
+/// The one bounded write, starting with room for `capacity` bytes.
+fn write_bounded(body: &Value, max_bytes: u64, capacity: usize) -> Result<Vec<u8>, BodyError> {
     let mut out = Bounded {
-        bytes: Vec::with_capacity(bytes.len()),
+        bytes: Vec::with_capacity(capacity),
         limit: max_bytes,
         refused: false,
     };
-    let written = serde_json::to_writer(&mut out, &body);
-    ops::discard(body);
-    match written {
+    match serde_json::to_writer(&mut out, body) {
         Ok(()) => Ok(out.bytes),
         Err(_) if out.refused => Err(TooLarge { limit: max_bytes }.into()),
         Err(err) => Err(BodyError::Serialize(err)),

@@ -12,10 +12,18 @@ use super::path::{self, Path, Segment};
 use super::step::{Case, Convert, KeyCase, MAX_ROUND, Rename, Step};
 use super::timestamp;
 
-/// What one step may still build. Only `flatten` draws on it: it is the one
-/// step whose output can grow faster than its input, since every flattened
-/// key repeats the keys above it. Each step gets its own, so a profile with
-/// several `flatten` steps is bounded by the number of its steps.
+/// What one step may still add, in bytes of written JSON. The steps whose
+/// output can outgrow their input by more than a small factor draw on it:
+/// `flatten` repeats the keys above every key it lifts, `defaults` copies
+/// its value into every element a path reaches, and `rename` creates the
+/// objects on the way to `to` in every element. Each step gets its own, so
+/// a profile is bounded by the number of its steps.
+///
+/// The others are not charged. `wrap` adds one key; `case` at most doubles
+/// a key (one `_` per letter); `convert` and `timestamp` replace a value in
+/// its place, at worst with a string of 30 bytes, so the value in memory
+/// stays within a small factor of the parsed body, and the bounded write
+/// refuses the output if it is too long.
 pub(crate) struct Budget {
     left: u64,
     exceeded: bool,
@@ -49,6 +57,10 @@ impl Budget {
     }
 }
 
+/// The bytes a new field adds to the written JSON besides its key and
+/// value: the key's quotes, the colon and the comma before the next field.
+const FIELD_BYTES: u64 = 4;
+
 /// Runs one step. Steps that fail [`Step::check`] are skipped where acting
 /// on them would be ambiguous (a rename across arrays, or one that overlaps
 /// itself).
@@ -60,7 +72,7 @@ pub(crate) fn apply_step(step: &Step, body: &mut Value, budget: &mut Budget) {
                 drop_path(body, path.segments());
             }
         }
-        Step::Rename(spec) => rename(body, spec),
+        Step::Rename(spec) => rename(body, spec, budget),
         Step::Extract(path) => extract(body, path.segments()),
         Step::Wrap(key) => wrap(body, key),
         Step::Flatten(spec) => {
@@ -80,7 +92,14 @@ pub(crate) fn apply_step(step: &Step, body: &mut Value, budget: &mut Budget) {
             let mut ordered: Vec<&(Path, Value)> = defaults.0.iter().collect();
             ordered.sort_by_key(|(path, _)| path.segments().len());
             for (path, value) in ordered {
-                fill(body, path.segments(), value);
+                let default = Fill {
+                    bytes: written_len(value),
+                    value,
+                };
+                fill(body, path.segments(), &default, budget);
+                if budget.exceeded() {
+                    return;
+                }
             }
         }
         Step::Convert(spec) => {
@@ -223,16 +242,35 @@ fn drop_path(body: &mut Value, segments: &[Segment]) {
 /// Moves a field within each element the shared array prefix reaches. When
 /// the destination runs through a non-object, the field stays where it was
 /// rather than being lost.
-fn rename(body: &mut Value, spec: &Rename) {
+///
+/// What each move adds (the objects it creates, a longer key) is charged
+/// to `budget` before it is put; past it, the field goes back where it
+/// was and the budget is marked.
+fn rename(body: &mut Value, spec: &Rename, budget: &mut Budget) {
     let Ok(parts) = spec.split() else {
         return;
     };
+    // The field taken from `from` no longer takes its key's bytes.
+    let freed = match parts.from.last() {
+        Some(Segment::Key(key)) => key.len() as u64 + FIELD_BYTES,
+        _ => 0,
+    };
 
     path::visit_mut(body, parts.prefix, &mut |scope| {
+        if budget.exceeded() {
+            return;
+        }
         let Some(moved) = path::take_keys(scope, parts.from) else {
             return;
         };
-        match path::put_keys(scope, parts.to, moved) {
+
+        let adds = put_bytes(scope, parts.to).saturating_sub(freed);
+        let put = if budget.take(adds) {
+            path::put_keys(scope, parts.to, moved)
+        } else {
+            Err(moved)
+        };
+        match put {
             Ok(replaced) => replaced.into_iter().for_each(discard),
             Err(moved) => {
                 // Taking only removed the last key, so its parent is still
@@ -243,6 +281,39 @@ fn rename(body: &mut Value, spec: &Rename) {
             }
         }
     });
+}
+
+/// The bytes that putting a value at `keys` adds to the written body: the
+/// objects created on the way and the last field if it is new. Zero when
+/// a value on the way is not an object, since nothing is put then.
+fn put_bytes(scope: &Value, keys: &[Segment]) -> u64 {
+    let Some((Segment::Key(last), parents)) = keys.split_last() else {
+        return 0;
+    };
+
+    // Once a key is missing, every object below it is created.
+    let mut current = Some(scope);
+    let mut bytes = 0u64;
+    for segment in parents {
+        let Segment::Key(key) = segment else {
+            return 0;
+        };
+        current = match current {
+            Some(Value::Object(map)) => map.get(key),
+            Some(_) => return 0,
+            None => None,
+        };
+        if current.is_none() {
+            // The key, its field bytes, and the new object's braces.
+            bytes = bytes.saturating_add(key.len() as u64 + FIELD_BYTES + 2);
+        }
+    }
+
+    match current {
+        Some(Value::Object(map)) if map.contains_key(last) => bytes,
+        Some(Value::Object(_)) | None => bytes.saturating_add(last.len() as u64 + FIELD_BYTES),
+        Some(_) => 0,
+    }
 }
 
 /// Replaces the body with the value at the path. A path through `[]`
@@ -429,36 +500,77 @@ fn recase(value: &mut Value, to: KeyCase, depth: usize) {
 
 // === defaults, convert ===
 
+/// One default of a `defaults` step, with its written length measured
+/// once for every place it fills.
+struct Fill<'a> {
+    value: &'a Value,
+    bytes: u64,
+}
+
 /// Sets the default where the path leads to a missing field or `null`.
 /// Missing objects are created only after the path's last `[]`: there is
 /// no sensible array element to invent.
-fn fill(value: &mut Value, segments: &[Segment], default: &Value) {
+///
+/// Each new field (its key and field bytes, and an object's braces) and
+/// each value filled in is charged to `budget` before it is added; past
+/// it, nothing more is added and the budget is marked.
+fn fill(value: &mut Value, segments: &[Segment], default: &Fill<'_>, budget: &mut Budget) {
     let Some((first, rest)) = segments.split_first() else {
-        if value.is_null() {
-            *value = default.clone();
+        if value.is_null() && budget.take(default.bytes) {
+            *value = default.value.clone();
         }
         return;
     };
 
     match (first, value) {
         (Segment::Key(key), Value::Object(map)) => {
-            let child = if rest.contains(&Segment::Each) {
-                map.get_mut(key)
-            } else {
-                let blank = match rest.is_empty() {
-                    true => Value::Null,
-                    false => Value::Object(Map::new()),
+            if !map.contains_key(key) && !rest.contains(&Segment::Each) {
+                let (blank, braces) = if rest.is_empty() {
+                    (Value::Null, 0)
+                } else {
+                    (Value::Object(Map::new()), 2)
                 };
-                Some(map.entry(key.as_str()).or_insert(blank))
-            };
-            if let Some(child) = child {
-                fill(child, rest, default);
+                if !budget.take(key.len() as u64 + FIELD_BYTES + braces) {
+                    return;
+                }
+                map.insert(key.clone(), blank);
+            }
+            if let Some(child) = map.get_mut(key) {
+                fill(child, rest, default, budget);
             }
         }
         (Segment::Each, Value::Array(items)) => {
-            items.iter_mut().for_each(|item| fill(item, rest, default));
+            for item in items {
+                if budget.exceeded() {
+                    return;
+                }
+                fill(item, rest, default, budget);
+            }
         }
         _ => {}
+    }
+}
+
+/// The length of `value` written as compact JSON, counted without building
+/// it. A value serde_json cannot write counts as too large for any budget.
+fn written_len(value: &Value) -> u64 {
+    struct Count(u64);
+
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len() as u64);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => u64::MAX,
     }
 }
 

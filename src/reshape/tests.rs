@@ -668,6 +668,98 @@ fn defaults_fill_missing_and_null() {
 }
 
 #[test]
+fn defaults_stop_at_the_budget_over_a_big_array() {
+    // 10,000 empty elements (30 KB) each asking for a 1 KB default: 10 MB
+    // for a budget of 64 KiB.
+    let items: Vec<Value> = (0..10_000).map(|_| json!({})).collect();
+    let mut body = object(vec![("items", Value::Array(items))]);
+    let pad = format!(
+        r#"[{{"defaults": {{"items[].pad": "{}"}}}}]"#,
+        "x".repeat(1000)
+    );
+    let grows = steps(&pad);
+
+    let limit = 64 * 1024;
+    assert_eq!(apply(&grows, &mut body, limit), Err(TooLarge { limit }));
+
+    // The step stopped as soon as the budget ran out: each fill costs
+    // 1009 bytes (key, its quotes, colon and comma, and the quoted value).
+    let filled = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["pad"].is_string())
+        .count();
+    assert_eq!(filled, 64);
+
+    let text = serde_json::to_vec(&json!({"items": [{}, {}, {}]})).unwrap();
+    let err = apply_to_bytes(&grows, &text, 3000).unwrap_err();
+    assert!(matches!(err, BodyError::TooLarge(_)), "{err}");
+}
+
+#[test]
+fn the_defaults_budget_counts_every_field_it_adds() {
+    // `meta` (4 + 4 + 2 for its braces), then `v` (1 + 4) and `1`: 16.
+    let nested = steps(r#"[{"defaults": {"meta.v": 1}}]"#);
+    let mut body = json!({});
+    apply(&nested, &mut body, 16).unwrap();
+    assert_eq!(body, json!({"meta": {"v": 1}}));
+    let mut body = json!({});
+    assert_eq!(apply(&nested, &mut body, 15), Err(TooLarge { limit: 15 }));
+
+    // A null already there costs only the value written in its place.
+    let status = steps(r#"[{"defaults": {"status": "ok"}}]"#);
+    let mut body = json!({"status": null});
+    apply(&status, &mut body, 4).unwrap();
+    assert_eq!(body, json!({"status": "ok"}));
+    let mut body = json!({"status": null});
+    assert!(apply(&status, &mut body, 3).is_err());
+
+    // A field already set costs nothing.
+    let mut body = json!({"status": "up", "meta": {"v": 2}});
+    apply(&nested, &mut body, 0).unwrap();
+    apply(&status, &mut body, 0).unwrap();
+    assert_eq!(body, json!({"status": "up", "meta": {"v": 2}}));
+}
+
+#[test]
+fn the_rename_budget_counts_the_objects_it_creates() {
+    // Per element: `battery` is new (7 + 4 + 2), `soc` replaces `soc`.
+    let nest = steps(r#"[{"rename": {"from": "items[].soc", "to": "items[].battery.soc"}}]"#);
+    let body = json!({"items": [{"soc": 1}, {"soc": 2}]});
+
+    let mut fits = body.clone();
+    apply(&nest, &mut fits, 26).unwrap();
+    assert_eq!(
+        fits,
+        json!({"items": [{"battery": {"soc": 1}}, {"battery": {"soc": 2}}]})
+    );
+    let mut over = body;
+    assert_eq!(apply(&nest, &mut over, 25), Err(TooLarge { limit: 25 }));
+
+    // Elements without the field move nothing and cost nothing.
+    let mut absent = json!({"items": [{"other": 1}, {}]});
+    apply(&nest, &mut absent, 0).unwrap();
+    assert_eq!(absent, json!({"items": [{"other": 1}, {}]}));
+
+    // A long destination over many small elements passes the budget.
+    let items: Vec<Value> = (0..10_000).map(|_| json!({"a": 0})).collect();
+    let mut many = object(vec![("items", Value::Array(items))]);
+    let long = format!(
+        r#"[{{"rename": {{"from": "items[].a", "to": "items[].{}.a"}}}}]"#,
+        "k".repeat(1000)
+    );
+    assert!(apply(&steps(&long), &mut many, 64 * 1024).is_err());
+
+    // Moving a value into a field that exists, or to a shorter key,
+    // adds nothing.
+    let shorter = steps(r#"[{"rename": {"from": "long_name", "to": "n"}}]"#);
+    let mut body = json!({"long_name": 1});
+    apply(&shorter, &mut body, 0).unwrap();
+    assert_eq!(body, json!({"n": 1}));
+}
+
+#[test]
 fn convert_scales_numbers() {
     let body = json!({"energy_wh": 75000, "label": "x", "items": [{"wh": 1234}, {"wh": "n/a"}]});
     assert_eq!(

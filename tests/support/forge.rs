@@ -378,6 +378,54 @@ impl Gate {
         check(self.ports.grpc, "GET", path, &[("authorization", &auth)]).await
     }
 
+    /// The overall gRPC health status (`ServingStatus` as a number), or
+    /// `None` when health cannot be asked.
+    pub async fn health(&self) -> Option<i32> {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+
+        let url = format!("http://127.0.0.1:{}", self.ports.grpc);
+        let channel = tonic::transport::Channel::from_shared(url)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let response = HealthClient::new(channel).check(request).await.ok()?;
+        Some(response.into_inner().status)
+    }
+
+    /// Waits until health reports `want`.
+    pub async fn wait_for_health(
+        &self,
+        want: tonic_health::pb::health_check_response::ServingStatus,
+    ) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.health().await != Some(want as i32) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "health never {want:?}; last {:?}",
+                self.health().await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Rewrites the config file with `config` and reloads it through the
+    /// admin API; returns whether the file changed.
+    pub async fn reload(&self, config: &str) -> bool {
+        use gatehouse::grpc::pb::ReloadRequest;
+        use gatehouse::grpc::pb::admin_client::AdminClient;
+
+        std::fs::write(self.dir.path().join("gatehouse.yaml"), config).expect("rewrite config");
+        let address = format!("http://127.0.0.1:{}", self.ports.admin);
+        let mut admin = AdminClient::connect(address).await.expect("admin api");
+        let reply = admin.reload(ReloadRequest {}).await.expect("reload");
+        reply.into_inner().changed
+    }
+
     /// Waits until Check on `path` with `token` answers `status`.
     pub async fn wait_for_status(&self, path: &str, token: &str, status: u16) -> Checked {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
