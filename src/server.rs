@@ -1,9 +1,10 @@
 //! Wiring: the gRPC server Envoy calls, the admin server, health, and the
-//! drain on SIGTERM or SIGINT.
+//! drain on SIGTERM or SIGINT (a second signal ends it at once).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::{Stream, StreamExt};
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
@@ -61,21 +62,25 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until SIGTERM or SIGINT, then drains and returns.
+/// Serves until SIGTERM or SIGINT, then drains and returns; a second signal
+/// during the drain returns at once.
 ///
 /// # Errors
 ///
 /// When a listener cannot be bound or a server fails.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
-    serve_until(config, shutdown_signal()).await
+    serve_until(config, shutdown_signals()).await
 }
 
-/// Serves until `stop` completes, then drains and returns.
+/// Serves until `stops` yields (or ends), then drains and returns. Should
+/// `stops` yield again before the drain and the grace for in-flight calls
+/// are over, it returns at once, dropping the calls still open.
 ///
 /// # Errors
 ///
 /// As for [`serve`].
-pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve_until(config: Config, stops: impl Stream<Item = ()>) -> Result<(), ServeError> {
+    tokio::pin!(stops);
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
     let drain = config.server.drain;
@@ -128,7 +133,7 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
 
     tokio::select! {
         result = &mut servers => { result?; return Ok(()); }
-        () = stop => {}
+        _ = stops.next() => {}
     }
 
     // Drain: report NOT_SERVING at once so that health-checking callers move
@@ -143,17 +148,28 @@ pub async fn serve_until(config: Config, stop: impl Future<Output = ()>) -> Resu
     tokio::select! {
         result = &mut servers => { result?; return Ok(()); }
         () = tokio::time::sleep(drain) => {}
+        Some(()) = stops.next() => return stopped_at_once(),
     }
 
     let _ = finish_tx.send(true);
-    match tokio::time::timeout(FINISH_GRACE, &mut servers).await {
-        Ok(result) => {
-            result?;
-        }
-        Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting anyway"),
+    tokio::select! {
+        finished = tokio::time::timeout(FINISH_GRACE, &mut servers) => match finished {
+            Ok(result) => {
+                result?;
+            }
+            Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting anyway"),
+        },
+        Some(()) = stops.next() => return stopped_at_once(),
     }
 
     tracing::info!("gatehouse stopped");
+    Ok(())
+}
+
+/// A second signal: whoever sent it would rather lose the calls still open
+/// than wait for the drain to end.
+fn stopped_at_once() -> Result<(), ServeError> {
+    tracing::warn!("second shutdown signal; stopping at once, without finishing the drain");
     Ok(())
 }
 
@@ -258,29 +274,79 @@ async fn reload_on_hangup(state: Arc<State>) {
 #[cfg(not(unix))]
 async fn reload_on_hangup(_state: Arc<State>) {}
 
-async fn shutdown_signal() {
-    let interrupt = async {
+/// One item per SIGTERM or SIGINT, from the moment this is called: the
+/// first starts the drain, a second ends it.
+fn shutdown_signals() -> impl Stream<Item = ()> {
+    futures::stream::unfold(ShutdownSignals::new(), |mut signals| async move {
+        signals.recv().await;
+        Some(((), signals))
+    })
+}
+
+// === impl ShutdownSignals ===
+
+/// SIGTERM and SIGINT, listened for from start to exit, so that a signal
+/// during the drain is seen too (it would otherwise end the process with
+/// the default action, or not at all).
+struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    #[cfg(unix)]
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signals) => Some(signals),
+            Err(err) => {
+                tracing::warn!(signal = name, error = %err, "cannot listen for a shutdown signal");
+                None
+            }
+        };
+        Self {
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> Self {
+        Self {}
+    }
+
+    /// Waits for the next signal; a signal that cannot be listened for
+    /// never comes.
+    #[cfg(unix)]
+    async fn recv(&mut self) {
+        async fn next(signals: &mut Option<tokio::signal::unix::Signal>) {
+            let received = match signals {
+                Some(signals) => signals.recv().await,
+                None => None,
+            };
+            if received.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+
+        let Self {
+            terminate,
+            interrupt,
+        } = self;
+        tokio::select! {
+            () = next(terminate) => {}
+            () = next(interrupt) => {}
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terms) => {
-                terms.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
     }
 }
 

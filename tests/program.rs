@@ -532,6 +532,186 @@ async fn sigint_drains_then_exits_cleanly() {
     drains_then_exits_cleanly("INT").await;
 }
 
+/// Signals Gatehouse with `first`, and once it drains, with `second`: the
+/// second ends the longest drain allowed at once, with a warning.
+async fn a_second_signal_stops_the_drain_at_once(first: &str, second: &str) {
+    let mut running = start_with(
+        &shipped_config(),
+        true,
+        &[("GATEHOUSE_DRAIN_SECONDS", "300")],
+    );
+    let port = running.ports.grpc;
+    wait_for_health(port, ServingStatus::Serving).await;
+
+    running.gatehouse.signal(first);
+    wait_for_health(port, ServingStatus::NotServing).await;
+    let status = check_status(port, "/stations/status")
+        .await
+        .expect("answered while draining");
+    assert_eq!(status, 0);
+
+    // 300 s of drain are left; the second signal must not wait for them.
+    running.gatehouse.signal(second);
+    let exited = running.gatehouse.wait_exit(Duration::from_secs(10));
+    let log = running.gatehouse.log();
+    assert_eq!(
+        exited,
+        Some(true),
+        "gatehouse must exit at once with 0; log:\n{log}"
+    );
+
+    let warning = log
+        .lines()
+        .find(|line| line.contains("second shutdown signal"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(log.contains("shutdown requested; draining"), "{log}");
+    assert!(
+        !log.contains("gatehouse stopped"),
+        "the drain did not end: {log}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_sigint_during_the_drain_stops_at_once() {
+    a_second_signal_stops_the_drain_at_once("TERM", "INT").await;
+}
+
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_stops_at_once() {
+    a_second_signal_stops_the_drain_at_once("INT", "TERM").await;
+}
+
+#[test]
+fn check_config_refuses_a_file_that_never_ends() {
+    // /dev/zero reports no size, so only the read itself can stop.
+    let started = Instant::now();
+    let (ok, output) = check_config(Path::new("/dev/zero"), &[]);
+
+    assert!(!ok, "{output}");
+    assert_eq!(
+        output.trim_end(),
+        "/dev/zero: file is larger than 4194304 bytes"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn check_config_refuses_a_drain_longer_than_five_minutes() {
+    let path = support::root().join("config/gatehouse.yaml");
+    let line = shipped_config()
+        .lines()
+        .position(|l| l.trim_start().starts_with("drain_seconds:"))
+        .expect("the shipped file sets drain_seconds")
+        + 1;
+
+    let (ok, output) = check_config(&path, &[("GATEHOUSE_DRAIN_SECONDS", "300")]);
+    assert!(ok, "{output}");
+
+    let (ok, output) = check_config(
+        &path,
+        &[("GATEHOUSE_DRAIN_SECONDS", "18446744073709551615")],
+    );
+    assert!(!ok, "{output}");
+    let expected = format!(
+        "{}:{line}: server.drain_seconds: must be between 0 and 300",
+        path.display()
+    );
+    assert_eq!(output.trim_end(), expected);
+}
+
+/// Every `$ gatehouse check-config FILE` in docs/config.md with the lines
+/// shown after it, as (indentation removed) they appear in its code block.
+fn documented_check_config_runs() -> Vec<(String, Vec<String>)> {
+    let doc = std::fs::read_to_string(support::root().join("docs/config.md"))
+        .expect("read docs/config.md");
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    let mut block: Option<usize> = None;
+    let mut current: Option<(String, Vec<String>)> = None;
+
+    for line in doc.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if line.trim_start().starts_with("```") {
+            block = if block.is_some() { None } else { Some(indent) };
+            runs.extend(current.take());
+            continue;
+        }
+        let Some(indent) = block else { continue };
+        let text = line.get(indent..).unwrap_or_default();
+
+        if let Some(command) = text.strip_prefix("$ gatehouse check-config ") {
+            runs.extend(current.take());
+            let file = command.split(" #").next().unwrap_or_default().trim();
+            current = Some((file.to_owned(), Vec::new()));
+        } else if text.trim().is_empty() {
+            runs.extend(current.take());
+        } else if let Some((_, output)) = current.as_mut() {
+            output.push(text.to_owned());
+        }
+    }
+    runs
+}
+
+#[test]
+fn the_check_config_examples_in_the_docs_are_what_it_prints() {
+    let runs = documented_check_config_runs();
+    assert!(runs.len() >= 10, "the examples were not found: {runs:?}");
+
+    for (file, expected) in runs {
+        // Shipped files are named from the repository root, the others
+        // from docs/examples; no variable is set, so defaults apply.
+        let dir = if file.starts_with("config/") {
+            support::root()
+        } else {
+            support::root().join("docs/examples")
+        };
+        let output = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .arg("check-config")
+            .arg(&file)
+            .current_dir(dir)
+            .env_clear()
+            .output()
+            .expect("run gatehouse check-config");
+
+        // A terminal shows the warnings (standard error) before `ok`.
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let printed: Vec<&str> = printed.lines().collect();
+        assert_eq!(
+            printed, expected,
+            "docs/config.md shows another output for {file}"
+        );
+    }
+}
+
+#[test]
+fn the_complete_example_in_the_docs_is_the_shipped_file() {
+    let doc = std::fs::read_to_string(support::root().join("docs/config.md"))
+        .expect("read docs/config.md");
+    let start = doc
+        .find("## A complete example")
+        .and_then(|at| {
+            doc[at..]
+                .find("```yaml\n")
+                .map(|open| at + open + "```yaml\n".len())
+        })
+        .expect("the complete example's code block");
+    let end = doc[start..].find("```").expect("its end") + start;
+
+    assert_eq!(
+        &doc[start..end],
+        shipped_config(),
+        "docs/config.md must show config/gatehouse.yaml as it is"
+    );
+}
+
 #[test]
 fn envoy_config_passes_validation() {
     let dir = tempfile::tempdir().expect("tempdir");

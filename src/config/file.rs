@@ -4,16 +4,61 @@
 //! silently ignored setting. Nothing outside `config` reads these types: the
 //! rest of the program reads the compiled form in [`super::Config`].
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 use super::providers::{ClaimSection, ProviderSection, TokenKind, TokensSection};
+use super::strict::strict;
 use crate::reshape::Step;
+
+/// A value that no line of the file gave: a default.
+pub(super) fn unplaced<T>(value: T) -> Spanned<T> {
+    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+}
+
+/// A map key as written, with its place in the file, so that a rule about
+/// the name can point at it; ordered by its text.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Name(pub Spanned<String>);
+
+impl Name {
+    /// The key's text.
+    pub fn text(&self) -> &str {
+        &self.0.value
+    }
+
+    /// Where the key is written.
+    pub fn location(&self) -> &Location {
+        &self.0.referenced
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Eq for Name {}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.text().cmp(other.text())
+    }
+}
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -29,7 +74,7 @@ pub struct FileConfig {
 
     /// The OAuth2 providers whose tokens are accepted, matched by `iss`.
     #[serde(default)]
-    pub providers: Vec<ProviderSection>,
+    pub providers: Option<Spanned<Vec<ProviderSection>>>,
 
     /// Bearer-token settings and the identity headers forwarded upstream.
     #[serde(default)]
@@ -41,7 +86,7 @@ pub struct FileConfig {
 
     /// Named rate-limit policies that routes refer to.
     #[serde(default)]
-    pub rate_limits: BTreeMap<String, RateLimitSection>,
+    pub rate_limits: BTreeMap<Name, RateLimitSection>,
 
     /// The request header in which Envoy passes the client address it
     /// established; public routes count per this address.
@@ -77,17 +122,19 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// The address Envoy calls for ext_authz and ext_proc.
-    pub listen: SocketAddr,
+    pub listen: Spanned<SocketAddr>,
 
     /// The admin API's address; loopback unless there is a reason not to.
-    pub admin_listen: SocketAddr,
+    pub admin_listen: Spanned<SocketAddr>,
 
     /// Where Prometheus scrapes `/metrics` (plain HTTP, its own listener);
     /// absent, no metrics are served. Must differ from both other addresses.
     pub metrics_listen: Option<Spanned<SocketAddr>>,
 
-    /// How long requests are still answered after SIGTERM, in seconds.
-    pub drain_seconds: u64,
+    /// How long requests are still answered after SIGTERM or SIGINT, in
+    /// seconds (0 to 300); a second signal ends the drain at once.
+    #[serde(deserialize_with = "strict")]
+    pub drain_seconds: Spanned<u64>,
 
     /// `text` for people, `json` for log collectors.
     pub log_format: LogFormat,
@@ -96,10 +143,10 @@ pub struct ServerSection {
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            listen: unplaced(SocketAddr::from(([127, 0, 0, 1], 50051))),
+            admin_listen: unplaced(SocketAddr::from(([127, 0, 0, 1], 50052))),
             metrics_listen: None,
-            drain_seconds: 5,
+            drain_seconds: unplaced(5),
             log_format: LogFormat::Text,
         }
     }
@@ -124,7 +171,7 @@ pub struct RedisSection {
 
     /// Budget for one Redis round trip, in milliseconds (default 20, at
     /// most 500); with the slowest token check it must fit in a Check.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub timeout_ms: Option<Spanned<u64>>,
 
     /// Prefix of every key Gatehouse writes.
@@ -132,7 +179,7 @@ pub struct RedisSection {
     pub key_prefix: String,
 
     /// `url` is one node of a Redis Cluster, which tells of the others.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub cluster: bool,
 }
 
@@ -148,16 +195,16 @@ fn default_key_prefix() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSection {
     /// Requests allowed per window, for a policy with one limit.
-    #[serde(default)]
-    pub requests: Option<NonZeroU64>,
+    #[serde(default, deserialize_with = "strict")]
+    pub requests: Option<Spanned<NonZeroU64>>,
 
     /// The window's length in seconds, for a policy with one limit.
-    #[serde(default)]
-    pub window_seconds: Option<NonZeroU64>,
+    #[serde(default, deserialize_with = "strict")]
+    pub window_seconds: Option<Spanned<NonZeroU64>>,
 
     /// Requests allowed at once (GCRA only), for a policy with one limit.
-    #[serde(default)]
-    pub burst: Option<NonZeroU64>,
+    #[serde(default, deserialize_with = "strict")]
+    pub burst: Option<Spanned<NonZeroU64>>,
 
     /// Several limits, all enforced together.
     #[serde(default)]
@@ -172,16 +219,16 @@ pub struct RateLimitSection {
     pub failure_mode: FailureMode,
 
     /// Count and report, but never refuse.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub shadow: bool,
 
     /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub x_ratelimit_headers: bool,
 
     /// Other numbers for clients on a named tier (`clients.ID.tier`).
     #[serde(default)]
-    pub tiers: BTreeMap<String, TierSection>,
+    pub tiers: BTreeMap<Name, TierSection>,
 
     /// A token claim naming the client's tier, for clients the config puts
     /// on no tier.
@@ -194,13 +241,15 @@ pub struct RateLimitSection {
 #[serde(deny_unknown_fields)]
 pub struct LimitSection {
     /// Requests allowed per window.
+    #[serde(deserialize_with = "strict")]
     pub requests: NonZeroU64,
 
     /// The window's length in seconds.
+    #[serde(deserialize_with = "strict")]
     pub window_seconds: NonZeroU64,
 
     /// Requests allowed at once (GCRA only); `requests` when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub burst: Option<NonZeroU64>,
 }
 
@@ -275,26 +324,27 @@ pub enum FailureMode {
 pub struct ReshapeSection {
     /// Bodies longer than this pass through unchanged, in bytes; for gzip
     /// bodies this bounds both the encoded and the decoded size.
+    #[serde(deserialize_with = "strict")]
     pub max_body_bytes: u64,
 
     /// The request header a client may send to pick one of its allowed
     /// profiles; `None` turns picking by header off.
-    pub profile_header: Option<String>,
+    pub profile_header: Option<Spanned<String>>,
 
     /// A token claim naming the client's profile; `None` ignores claims.
     pub profile_claim: Option<String>,
 
     /// The query parameter that asks for a sparse fieldset.
-    pub fields_param: String,
+    pub fields_param: Spanned<String>,
 }
 
 impl Default for ReshapeSection {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
-            profile_header: Some("x-client-type".to_owned()),
+            profile_header: Some(unplaced("x-client-type".to_owned())),
             profile_claim: None,
-            fields_param: "fields".to_owned(),
+            fields_param: unplaced("fields".to_owned()),
         }
     }
 }
@@ -338,18 +388,18 @@ pub enum MergeMode {
 #[serde(deny_unknown_fields)]
 pub struct PartSection {
     /// The part's name: its key in a keyed merge, and in failure reports.
-    pub key: String,
+    pub key: Spanned<String>,
 
     /// Path and query on the composite upstream.
     pub path: Spanned<String>,
 
     /// How long this part may take, in milliseconds.
-    #[serde(default = "default_part_timeout")]
-    pub timeout_ms: u64,
+    #[serde(default = "default_part_timeout", deserialize_with = "strict")]
+    pub timeout_ms: Spanned<u64>,
 }
 
-fn default_part_timeout() -> u64 {
-    300
+fn default_part_timeout() -> Spanned<u64> {
+    unplaced(300)
 }
 
 /// One entry of `profiles:`.
@@ -366,7 +416,7 @@ pub struct ProfileSection {
 
     /// Whether 4xx and 5xx JSON bodies are reshaped too; by default an
     /// upstream's error passes unchanged.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub reshape_errors: bool,
 }
 
@@ -381,9 +431,10 @@ pub struct ClientSection {
     /// Other profiles the client may pick with the profile header.
     #[serde(default)]
     pub allowed_profiles: Vec<Spanned<String>>,
+
     /// The rate-limit tier this client is on.
     #[serde(default)]
-    pub tier: Option<String>,
+    pub tier: Option<Spanned<String>>,
 }
 
 /// One entry of `routes:`.
@@ -401,7 +452,7 @@ pub struct RouteSection {
     pub methods: Vec<Spanned<String>>,
 
     /// No token needed.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub public: bool,
 
     /// Scopes the token must all carry.
@@ -425,7 +476,7 @@ pub struct RouteSection {
     pub rate_limit: Option<Spanned<String>>,
 
     /// What one request on this route counts as.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub rate_limit_cost: Option<Spanned<u64>>,
 
     /// Routes with the same group share counters; without one, a policy's

@@ -5,15 +5,20 @@
 //! fault, so that `gatehouse check-config` can be used in CI before a rollout.
 
 mod file;
+mod parse;
 mod providers;
+pub(crate) mod strict;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_messages;
 #[cfg(test)]
 mod tests_ratelimit;
 mod unexpanded;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
@@ -63,6 +68,10 @@ const MAX_REDIS_TIMEOUT_MS: u64 = 500;
 
 /// Policy, tier and route group names are at most this long.
 const MAX_NAME_CHARS: usize = 64;
+
+/// The longest drain after SIGTERM or SIGINT: past five minutes a stop that
+/// never ends looks the same as one that takes its time.
+const MAX_DRAIN_SECONDS: u64 = 300;
 
 /// The configuration in force, compiled and validated.
 #[derive(Debug)]
@@ -356,11 +365,11 @@ impl Config {
         text: &str,
         env: HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let raw = parse(path, text, env)?;
+        let raw = parse::parse(path, text, env)?;
         let version = hex_digest(text.as_bytes());
 
         // A `${` the parser left as text is refused with the other problems.
-        let unexpanded = unexpanded::unexpanded_references(text);
+        let unexpanded = unexpanded::scan(text).problems;
         compile(path, raw, version, unexpanded)
     }
 
@@ -459,66 +468,33 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
         source,
     };
 
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let too_large = || ConfigError::TooLarge {
+        path: path.to_owned(),
+    };
+
+    // The size on record refuses an ordinary large file before it is read.
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-        });
+        return Err(too_large());
     }
 
-    std::fs::read_to_string(path).map_err(read_err)
-}
+    // A device or a pipe reports no size (`/dev/zero`, a FIFO), so the read
+    // itself stops one byte past the limit.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
 
-/// Deserializes the file, expanding `${VAR}` and `${VAR:-default}` inside
-/// scalar values only, so that a variable can never add keys.
-fn parse(path: &Path, text: &str, env: HashMap<String, String>) -> Result<FileConfig, ConfigError> {
-    let options = serde_saphyr::Options::default().with_properties(env);
-    let mut key = String::new();
-
-    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-        serde_path_to_error::deserialize(de).map_err(|err| {
-            key = err.path().to_string();
-            err.into_inner()
-        })
-    });
-
-    result.map_err(|err| {
-        let line = err
-            .location()
-            .map(|location| location.line())
-            .filter(|line| *line > 0);
-        // Spanned values add a `value` step to serde's path; readers never
-        // wrote that key, so it is left out.
-        let key = key.replace(".value[", "[").replace(".value.", ".");
-        let key = key.strip_suffix(".value").map(str::to_owned).unwrap_or(key);
-        let key = if key.is_empty() || key == "." {
-            "(top level)".to_owned()
-        } else {
-            key
-        };
-
-        ConfigError::Invalid {
-            path: path.to_owned(),
-            problems: vec![Problem {
-                line,
-                key,
-                message: first_line(&err.to_string()),
-            }],
-        }
+    String::from_utf8(bytes).map_err(|err| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            err.utf8_error(),
+        ))
     })
-}
-
-/// serde-saphyr's messages start with `error: line L column C: ` and carry a
-/// source snippet after the first line; the file and line are reported
-/// separately, so only the sentence is kept.
-fn first_line(message: &str) -> String {
-    let line = message.lines().next().unwrap_or_default().trim();
-    let line = line.strip_prefix("error: ").unwrap_or(line);
-
-    match line.split_once(": ") {
-        Some((position, rest)) if position.starts_with("line ") => rest.to_owned(),
-        _ => line.to_owned(),
-    }
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
@@ -572,23 +548,26 @@ fn compile(
 ) -> Result<Config, ConfigError> {
     let mut problems = Problems(found);
 
+    let section = &raw.server;
     let server = Server {
-        listen: raw.server.listen,
-        admin_listen: raw.server.admin_listen,
-        metrics_listen: raw
-            .server
-            .metrics_listen
-            .as_ref()
-            .map(|spanned| spanned.value),
-        drain: Duration::from_secs(raw.server.drain_seconds),
-        log_format: raw.server.log_format,
+        listen: section.listen.value,
+        admin_listen: section.admin_listen.value,
+        metrics_listen: section.metrics_listen.as_ref().map(|spanned| spanned.value),
+        drain: Duration::from_secs(section.drain_seconds.value.min(MAX_DRAIN_SECONDS)),
+        log_format: section.log_format,
     };
     if server.listen == server.admin_listen {
-        problems.add(
-            None,
-            "server.admin_listen",
-            "must differ from server.listen",
-        );
+        // Two keys: the line is admin_listen's, or listen's when the admin
+        // address is the default.
+        let location =
+            placed(&section.admin_listen.referenced).unwrap_or(&section.listen.referenced);
+        let message = "must differ from server.listen";
+        problems.add(Some(location), "server.admin_listen", message);
+    }
+    if section.drain_seconds.value > MAX_DRAIN_SECONDS {
+        let message = format!("must be between 0 and {MAX_DRAIN_SECONDS}");
+        let location = Some(&section.drain_seconds.referenced);
+        problems.add(location, "server.drain_seconds", message);
     }
     if let Some(metrics) = &raw.server.metrics_listen
         && [server.listen, server.admin_listen].contains(&metrics.value)
@@ -611,7 +590,7 @@ fn compile(
         .into_iter()
         .map(|(name, section)| {
             let policy = compile_policy(&name, section, &mut problems);
-            (name, Arc::new(policy))
+            (name.0.value, Arc::new(policy))
         })
         .collect();
     let descriptors = compile_descriptors(raw.rate_limit_service, &rate_limits, &mut problems);
@@ -633,15 +612,22 @@ fn compile(
         counts_by_peer: raw.client_address_header.is_none(),
         forwarded: &tokens.forward,
     };
+    // Two keys: the line is that of the first route's `opaque`.
+    let opaque = raw.routes.iter().enumerate().find_map(|(index, route)| {
+        let kind = route
+            .tokens
+            .iter()
+            .find(|kind| kind.value == TokenKind::Opaque)?;
+        Some((format!("routes[{index}].tokens"), kind.referenced))
+    });
+    if let Some((key, location)) = opaque
+        && !providers.iter().any(|p| p.introspection.is_some())
+    {
+        let message = "a route accepts opaque tokens but no provider has introspection";
+        problems.add(Some(&location), key, message);
+    }
     let mut warnings = Problems(Vec::new());
     let routes = compile_routes(raw.routes, &context, &mut problems, &mut warnings);
-    let opaque_route = routes
-        .iter()
-        .any(|r| r.token_kinds.contains(&TokenKind::Opaque));
-    if opaque_route && !providers.iter().any(|p| p.introspection.is_some()) {
-        let message = "a route accepts opaque tokens but no provider has introspection";
-        problems.add(None, "routes", message);
-    }
     let route_names: HashSet<&str> = routes.iter().map(|route| route.name.as_str()).collect();
 
     let mut profiles = HashMap::new();
@@ -692,10 +678,11 @@ fn compile(
         if let Some(tier) = &section.tier
             && !rate_limits
                 .values()
-                .any(|policy| policy.tiers.contains_key(tier))
+                .any(|policy| policy.tiers.contains_key(&tier.value))
         {
             let key = format!("clients.{id}.tier");
-            problems.add(None, key, format!("no rate limit defines tier {tier:?}"));
+            let message = format!("no rate limit defines tier {:?}", tier.value);
+            problems.add(Some(&tier.referenced), key, message);
         }
         clients.insert(
             id,
@@ -706,7 +693,7 @@ fn compile(
                     .into_iter()
                     .map(|allowed| allowed.value)
                     .collect(),
-                tier: section.tier,
+                tier: section.tier.map(|tier| tier.value),
             },
         );
     }
@@ -739,6 +726,11 @@ fn compile(
     })
 }
 
+/// The location, when the file gave the value (not a default).
+fn placed(location: &Location) -> Option<&Location> {
+    Some(location).filter(|location| location.line() > 0)
+}
+
 fn compile_redis(
     raw: file::RedisSection,
     providers: &[Provider],
@@ -754,7 +746,12 @@ fn compile_redis(
         .timeout_ms
         .as_ref()
         .map_or(DEFAULT_REDIS_TIMEOUT_MS, |timeout| timeout.value);
-    let location = raw.timeout_ms.as_ref().map(|timeout| &timeout.referenced);
+    // Without timeout_ms, the default is at fault: the line is `url`'s.
+    let location = Some(
+        raw.timeout_ms
+            .as_ref()
+            .map_or(&raw.url.referenced, |timeout| &timeout.referenced),
+    );
     let timeout = Duration::from_millis(millis);
     let room = EXT_AUTHZ_TIMEOUT - CHECK_HEADROOM;
     if millis == 0 || millis > MAX_REDIS_TIMEOUT_MS {
@@ -837,9 +834,12 @@ fn compile_routes(
                 "must start with '/'",
             );
         }
-        if section.prefix.value.contains(['?', '#', '%']) || section.prefix.value.contains("//") {
-            let message = "must be a plain normalised path (no '?', '#', '%' or '//')";
-            problems.add(Some(&section.prefix.referenced), key("prefix"), message);
+        if !is_normalised_path(&section.prefix.value) {
+            problems.add(
+                Some(&section.prefix.referenced),
+                key("prefix"),
+                PREFIX_NOT_NORMALISED,
+            );
         }
 
         let mut methods = Vec::new();
@@ -948,6 +948,25 @@ fn compile_routes(
     routes
 }
 
+/// Why a route prefix can never match what Envoy sends.
+const PREFIX_NOT_NORMALISED: &str = "must be a path as Envoy forwards it once normalised: no '.' \
+    or '..' segments, no '//', and no '%', '?', '#', spaces or non-ASCII characters";
+
+/// Whether `prefix` is a path that can survive Envoy's normalisation
+/// (`normalize_path`, `merge_slashes`, escaped slashes refused): Envoy
+/// removes dot segments and merges slashes, and Gatehouse matches the path
+/// without decoding it, so a prefix holding any of them matches nothing.
+fn is_normalised_path(prefix: &str) -> bool {
+    let visible = prefix
+        .chars()
+        .all(|c| c.is_ascii_graphic() && !"%?#".contains(c));
+    let dots = prefix
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+
+    visible && !dots && !prefix.contains("//")
+}
+
 fn compile_composite(
     raw: file::RouteCompositeSection,
     upstream: Option<&str>,
@@ -971,8 +990,9 @@ fn compile_composite(
     let mut parts = Vec::new();
     for (index, part) in raw.parts.value.into_iter().enumerate() {
         let part_key = format!("{key}.parts[{index}]");
-        if !keys.insert(part.key.clone()) {
-            problems.add(location, format!("{part_key}.key"), "duplicate part key");
+        if !keys.insert(part.key.value.clone()) {
+            let at = Some(&part.key.referenced);
+            problems.add(at, format!("{part_key}.key"), "duplicate part key");
         }
         if !part.path.value.starts_with('/') {
             let message = "must start with '/'";
@@ -982,13 +1002,14 @@ fn compile_composite(
                 message,
             );
         }
-        let timeout = Duration::from_millis(part.timeout_ms);
+        let timeout = Duration::from_millis(part.timeout_ms.value);
         if timeout.is_zero() || timeout > MAX_PART_TIMEOUT {
             let message = format!("must be between 1 and {} ms", MAX_PART_TIMEOUT.as_millis());
-            problems.add(location, format!("{part_key}.timeout_ms"), message);
+            let at = Some(&part.timeout_ms.referenced);
+            problems.add(at, format!("{part_key}.timeout_ms"), message);
         }
         parts.push(Part {
-            key: part.key,
+            key: part.key.value,
             url: format!("{}{}", upstream.unwrap_or_default(), part.path.value),
             timeout,
             path: part.path.value,
@@ -1008,22 +1029,30 @@ fn compile_composite(
 }
 
 fn compile_reshape(raw: file::ReshapeSection, problems: &mut Problems) -> ReshapeLimits {
-    let profile_header = raw.profile_header.map(|name| name.to_ascii_lowercase());
-    if let Some(name) = &profile_header
-        && !is_header_name(name)
+    if let Some(name) = &raw.profile_header
+        && !is_header_name(&name.value.to_ascii_lowercase())
     {
-        problems.add(None, "reshape.profile_header", "not a valid header name");
+        let location = Some(&name.referenced);
+        problems.add(
+            location,
+            "reshape.profile_header",
+            "not a valid header name",
+        );
     }
-    if raw.fields_param.is_empty() || raw.fields_param.contains(['&', '=', '#']) {
+    let fields_param = &raw.fields_param;
+    if fields_param.value.is_empty() || fields_param.value.contains(['&', '=', '#']) {
         let message = "must be a plain query parameter name";
-        problems.add(None, "reshape.fields_param", message);
+        let location = Some(&fields_param.referenced);
+        problems.add(location, "reshape.fields_param", message);
     }
 
     ReshapeLimits {
         max_body_bytes: raw.max_body_bytes,
-        profile_header,
+        profile_header: raw
+            .profile_header
+            .map(|name| name.value.to_ascii_lowercase()),
         profile_claim: raw.profile_claim,
-        fields_param: raw.fields_param,
+        fields_param: raw.fields_param.value,
     }
 }
 
@@ -1149,30 +1178,43 @@ fn check_cost(
 }
 
 fn compile_policy(
-    name: &str,
+    spanned_name: &file::Name,
     raw: file::RateLimitSection,
     problems: &mut Problems,
 ) -> RateLimitPolicy {
+    let (name, name_at) = (spanned_name.text(), Some(spanned_name.location()));
     let key = |field: &str| format!("rate_limits.{name}.{field}");
     let algorithm = raw.algorithm;
-    check_name(name, &format!("rate_limits.{name}"), None, problems);
+    check_name(name, &format!("rate_limits.{name}"), name_at, problems);
 
-    // One limit inline, or a list under `limits`, never both.
-    let inline = match (raw.requests, raw.window_seconds) {
+    // One limit inline, or a list under `limits`, never both; an inline
+    // limit is reported at its first key.
+    let inline_at = [&raw.requests, &raw.window_seconds, &raw.burst]
+        .into_iter()
+        .flatten()
+        .map(|value| value.referenced)
+        .next();
+    let inline = match (&raw.requests, &raw.window_seconds) {
         (Some(requests), Some(window_seconds)) => Some(file::LimitSection {
-            requests,
-            window_seconds,
-            burst: raw.burst,
+            requests: requests.value,
+            window_seconds: window_seconds.value,
+            burst: raw.burst.as_ref().map(|burst| burst.value),
         }),
         (None, None) if raw.burst.is_none() => None,
         _ => {
             let message = "requests and window_seconds go together (burst needs both)";
-            problems.add(None, key("requests"), message);
+            problems.add(inline_at.as_ref(), key("requests"), message);
             None
         }
     };
     let limits = match (inline, raw.limits) {
-        (Some(limit), None) => compile_limits(algorithm, &[limit], None, &key("limits"), problems),
+        (Some(limit), None) => compile_limits(
+            algorithm,
+            &[limit],
+            inline_at.as_ref(),
+            &key("limits"),
+            problems,
+        ),
         (None, Some(list)) => compile_limits(
             algorithm,
             &list.value,
@@ -1186,17 +1228,24 @@ fn compile_policy(
             Vec::new()
         }
         (None, None) => {
-            problems.add(None, key("limits"), "a policy needs at least one limit");
+            let message = "a policy needs at least one limit";
+            problems.add(name_at, key("limits"), message);
             Vec::new()
         }
     };
 
     let mut tiers = HashMap::new();
     for (tier, section) in raw.tiers {
+        let tier_at = Some(tier.0.referenced);
+        let tier = tier.0.value;
         let tier_key = key(&format!("tiers.{tier}.limits"));
         let list = &section.limits;
-        let location = Some(&list.referenced);
-        check_name(&tier, &key(&format!("tiers.{tier}")), location, problems);
+        check_name(
+            &tier,
+            &key(&format!("tiers.{tier}")),
+            tier_at.as_ref(),
+            problems,
+        );
         let limits = compile_limits(
             algorithm,
             &list.value,

@@ -9,7 +9,9 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::{Problems, check_url};
+use super::file::unplaced;
+use super::strict::strict;
+use super::{Problems, check_url, placed};
 
 /// The longest discovery or JWKS request allowed: two in a row stay well
 /// under Envoy's 1 s ext_authz timeout.
@@ -73,7 +75,7 @@ pub struct ProviderSection {
     pub issuer: Spanned<String>,
 
     /// Accepted audiences; a token's `aud` must contain one of them.
-    pub audiences: Vec<String>,
+    pub audiences: Spanned<Vec<String>>,
 
     /// Where the signing keys are; found by OIDC discovery when absent.
     /// Refused on a provider whose algorithms are all HMAC, which fetches
@@ -82,30 +84,30 @@ pub struct ProviderSection {
     pub jwks_uri: Option<Spanned<String>>,
 
     /// Accepted clock skew for `exp`, `nbf` and `iat`, in seconds (0 to 300).
-    #[serde(default = "default_leeway")]
+    #[serde(default = "default_leeway", deserialize_with = "strict")]
     pub leeway_seconds: Spanned<u64>,
 
     /// Budget for one discovery or JWKS request, in milliseconds.
-    #[serde(default = "default_fetch_timeout")]
-    pub fetch_timeout_ms: u64,
+    #[serde(default = "default_fetch_timeout", deserialize_with = "strict")]
+    pub fetch_timeout_ms: Spanned<u64>,
 
     /// Key refresh period when the JWKS response sets no `max-age`, in
     /// seconds; within `min_refresh_seconds` and `max_refresh_seconds`.
     /// When absent, 300 moved into those bounds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub refresh_seconds: Option<Spanned<u64>>,
 
     /// Lower bound on the refresh period, whatever `max-age` says, in seconds.
-    #[serde(default = "default_min_refresh")]
-    pub min_refresh_seconds: u64,
+    #[serde(default = "default_min_refresh", deserialize_with = "strict")]
+    pub min_refresh_seconds: Spanned<u64>,
 
     /// Upper bound on the refresh period, whatever `max-age` says, in seconds.
-    #[serde(default = "default_max_refresh")]
-    pub max_refresh_seconds: u64,
+    #[serde(default = "default_max_refresh", deserialize_with = "strict")]
+    pub max_refresh_seconds: Spanned<u64>,
 
     /// The minimum time between two refetches caused by an unknown `kid`, in
     /// seconds; at least 1, so the throttle can never be turned off.
-    #[serde(default = "default_refetch")]
+    #[serde(default = "default_refetch", deserialize_with = "strict")]
     pub min_refetch_seconds: Spanned<u64>,
 
     /// Accepted signature algorithms; every asymmetric one when empty.
@@ -124,7 +126,7 @@ pub struct ProviderSection {
 
     /// Checking opaque tokens with RFC 7662 introspection.
     #[serde(default)]
-    pub introspection: Option<IntrospectionSection>,
+    pub introspection: Option<Spanned<IntrospectionSection>>,
 }
 
 /// `introspection:` inside a provider.
@@ -146,15 +148,15 @@ pub struct IntrospectionSection {
     pub audiences: Vec<String>,
 
     /// Budget for one introspection call, in milliseconds.
-    #[serde(default = "default_introspection_timeout")]
-    pub timeout_ms: u64,
+    #[serde(default = "default_introspection_timeout", deserialize_with = "strict")]
+    pub timeout_ms: Spanned<u64>,
 
     /// The longest an active result is reused, in seconds (never past `exp`).
-    #[serde(default = "default_active_cache")]
+    #[serde(default = "default_active_cache", deserialize_with = "strict")]
     pub cache_seconds: u64,
 
     /// How long an inactive result is reused, in seconds.
-    #[serde(default = "default_inactive_cache")]
+    #[serde(default = "default_inactive_cache", deserialize_with = "strict")]
     pub inactive_cache_seconds: u64,
 }
 
@@ -163,9 +165,11 @@ pub struct IntrospectionSection {
 #[serde(deny_unknown_fields, default)]
 pub struct TokensSection {
     /// The largest `Authorization` value accepted, in bytes.
-    pub max_bytes: usize,
+    #[serde(deserialize_with = "strict")]
+    pub max_bytes: Spanned<usize>,
 
     /// Whether a token in the `access_token` query parameter is accepted.
+    #[serde(deserialize_with = "strict")]
     pub allow_query: bool,
 
     /// The identity headers set on allowed requests.
@@ -175,7 +179,7 @@ pub struct TokensSection {
 impl Default for TokensSection {
     fn default() -> Self {
         Self {
-            max_bytes: 8 * 1024,
+            max_bytes: unplaced(8 * 1024),
             allow_query: false,
             forward: ForwardSection::default(),
         }
@@ -187,21 +191,21 @@ impl Default for TokensSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardSection {
     /// Header carrying the client id.
-    pub client_id: Option<String>,
+    pub client_id: Option<Spanned<String>>,
     /// Header carrying the subject.
-    pub subject: Option<String>,
+    pub subject: Option<Spanned<String>>,
     /// Header carrying the granted scopes, space separated.
-    pub scopes: Option<String>,
+    pub scopes: Option<Spanned<String>>,
     /// Headers carrying chosen claims, by claim name.
-    pub claims: std::collections::BTreeMap<String, String>,
+    pub claims: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 impl Default for ForwardSection {
     fn default() -> Self {
         Self {
-            client_id: Some("x-gatehouse-client-id".to_owned()),
-            subject: Some("x-gatehouse-subject".to_owned()),
-            scopes: Some("x-gatehouse-scopes".to_owned()),
+            client_id: Some(unplaced("x-gatehouse-client-id".to_owned())),
+            subject: Some(unplaced("x-gatehouse-subject".to_owned())),
+            scopes: Some(unplaced("x-gatehouse-scopes".to_owned())),
             claims: std::collections::BTreeMap::new(),
         }
     }
@@ -234,35 +238,28 @@ pub enum TokenKind {
     Opaque,
 }
 
-/// A default value, which has no place in the file.
-fn unplaced(value: u64) -> Spanned<u64> {
-    use serde_saphyr::Location;
-
-    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
-}
-
 fn default_leeway() -> Spanned<u64> {
     unplaced(30)
 }
 
-fn default_fetch_timeout() -> u64 {
-    300
+fn default_fetch_timeout() -> Spanned<u64> {
+    unplaced(300)
 }
 
-fn default_min_refresh() -> u64 {
-    30
+fn default_min_refresh() -> Spanned<u64> {
+    unplaced(30)
 }
 
-fn default_max_refresh() -> u64 {
-    3600
+fn default_max_refresh() -> Spanned<u64> {
+    unplaced(3600)
 }
 
 fn default_refetch() -> Spanned<u64> {
     unplaced(10)
 }
 
-fn default_introspection_timeout() -> u64 {
-    300
+fn default_introspection_timeout() -> Spanned<u64> {
+    unplaced(300)
 }
 
 fn default_active_cache() -> u64 {
@@ -407,30 +404,31 @@ pub enum ClaimTest {
 /// The providers from `providers:` and the `provider:` shorthand.
 pub(super) fn compile_providers(
     single: Option<ProviderSection>,
-    many: Vec<ProviderSection>,
+    many: Option<Spanned<Vec<ProviderSection>>>,
     problems: &mut Problems,
 ) -> Vec<Provider> {
-    if single.is_some() && !many.is_empty() {
-        problems.add(
-            None,
-            "provider",
-            "use either provider or providers, not both",
-        );
+    let many = many.unwrap_or_else(|| unplaced(Vec::new()));
+    if single.is_some() && !many.value.is_empty() {
+        let message = "use either provider or providers, not both";
+        problems.add(Some(&many.referenced), "providers", message);
     }
 
     let sections: Vec<(String, ProviderSection)> = match single {
         Some(section) => vec![("provider".to_owned(), section)],
         None => many
+            .value
             .into_iter()
             .enumerate()
             .map(|(index, section)| (format!("providers[{index}]"), section))
             .collect(),
     };
     if sections.is_empty() {
-        problems.add(None, "providers", "at least one provider is required");
+        let message = "at least one provider is required";
+        problems.add(Some(&many.referenced), "providers", message);
     }
 
     let mut providers: Vec<Provider> = Vec::new();
+    let mut introspecting = false;
     for (key, section) in sections {
         if providers.iter().any(|p| p.issuer == section.issuer.value) {
             let message = "another provider has the same issuer";
@@ -440,21 +438,18 @@ pub(super) fn compile_providers(
                 message,
             );
         }
-        providers.push(compile_provider(&key, section, problems));
-    }
 
-    let introspecting = providers
-        .iter()
-        .filter(|p| p.introspection.is_some())
-        .count();
-    if introspecting > 1 {
         // TODO: route opaque tokens to one of several introspecting providers
         // (by a route setting); until then only one provider may introspect.
-        problems.add(
-            None,
-            "providers",
-            "only one provider may have introspection",
-        );
+        if let Some(introspection) = &section.introspection {
+            if introspecting {
+                let message = "only one provider may have introspection";
+                let at = format!("{key}.introspection");
+                problems.add(Some(&introspection.referenced), at, message);
+            }
+            introspecting = true;
+        }
+        providers.push(compile_provider(&key, section, problems));
     }
     providers
 }
@@ -466,14 +461,20 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
     if let Some(jwks_uri) = &raw.jwks_uri {
         check_url(jwks_uri, &["http", "https"], &at("jwks_uri"), problems);
     }
-    if raw.audiences.is_empty() {
-        problems.add(None, at("audiences"), "at least one audience is required");
+    if raw.audiences.value.is_empty() {
+        let message = "at least one audience is required";
+        problems.add(Some(&raw.audiences.referenced), at("audiences"), message);
     }
-    if raw.min_refresh_seconds == 0 || raw.min_refresh_seconds > raw.max_refresh_seconds {
+
+    // Two keys: the line is min_refresh_seconds', or max's when min is the
+    // default.
+    let (min_refresh, max_refresh) = (&raw.min_refresh_seconds, &raw.max_refresh_seconds);
+    if min_refresh.value == 0 || min_refresh.value > max_refresh.value {
         let message = "must be at least 1 and at most max_refresh_seconds";
-        problems.add(None, at("min_refresh_seconds"), message);
+        let location = placed(&min_refresh.referenced).unwrap_or(&max_refresh.referenced);
+        problems.add(Some(location), at("min_refresh_seconds"), message);
     } else if let Some(refresh) = &raw.refresh_seconds
-        && (refresh.value < raw.min_refresh_seconds || refresh.value > raw.max_refresh_seconds)
+        && (refresh.value < min_refresh.value || refresh.value > max_refresh.value)
     {
         // The period is clamped into the bounds like any `max-age`, so one
         // written outside them would silently mean another period.
@@ -503,15 +504,19 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
     // Inside a Check, an unknown `kid` costs up to two fetches (discovery,
     // then the JWKS) and an opaque token one introspection call; each must
     // end before Envoy's 1 s ext_authz timeout so the answer is Gatehouse's.
-    if raw.fetch_timeout_ms == 0 || raw.fetch_timeout_ms > MAX_FETCH_TIMEOUT_MS {
+    let fetch_timeout = &raw.fetch_timeout_ms;
+    if fetch_timeout.value == 0 || fetch_timeout.value > MAX_FETCH_TIMEOUT_MS {
         let message = format!("must be between 1 and {MAX_FETCH_TIMEOUT_MS}");
-        problems.add(None, at("fetch_timeout_ms"), message);
+        let location = Some(&fetch_timeout.referenced);
+        problems.add(location, at("fetch_timeout_ms"), message);
     }
-    if let Some(introspection) = &raw.introspection
-        && (introspection.timeout_ms == 0 || introspection.timeout_ms > MAX_INTROSPECTION_MS)
-    {
-        let message = format!("must be between 1 and {MAX_INTROSPECTION_MS}");
-        problems.add(None, at("introspection.timeout_ms"), message);
+    if let Some(introspection) = &raw.introspection {
+        let timeout = &introspection.value.timeout_ms;
+        if timeout.value == 0 || timeout.value > MAX_INTROSPECTION_MS {
+            let message = format!("must be between 1 and {MAX_INTROSPECTION_MS}");
+            let location = placed(&timeout.referenced).unwrap_or(&introspection.referenced);
+            problems.add(Some(location), at("introspection.timeout_ms"), message);
+        }
     }
 
     let mut algorithms = Vec::new();
@@ -542,14 +547,14 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
             let message = "a provider with only HMAC algorithms fetches no keys: remove jwks_uri";
             problems.add(Some(&jwks_uri.referenced), at("jwks_uri"), message);
         }
-        if raw
-            .introspection
-            .as_ref()
-            .is_some_and(|introspection| introspection.endpoint.is_none())
+        // The endpoint is missing: the line is that of its section.
+        if let Some(introspection) = &raw.introspection
+            && introspection.value.endpoint.is_none()
         {
             let message =
                 "a provider with only HMAC algorithms does no discovery: set the endpoint";
-            problems.add(None, at("introspection.endpoint"), message);
+            let location = Some(&introspection.referenced);
+            problems.add(location, at("introspection.endpoint"), message);
         }
     }
     if let Some(secret) = &raw.hmac_secret {
@@ -564,12 +569,13 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
     }
 
     let introspection = raw.introspection.map(|section| {
+        let section = section.value;
         if let Some(endpoint) = &section.endpoint {
             let key = at("introspection.endpoint");
             check_url(endpoint, &["http", "https"], &key, problems);
         }
         let audiences = if section.audiences.is_empty() {
-            raw.audiences.clone()
+            raw.audiences.value.clone()
         } else {
             section.audiences
         };
@@ -578,15 +584,15 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
             client_id: section.client_id,
             client_secret: section.client_secret,
             audiences,
-            timeout: Duration::from_millis(section.timeout_ms),
+            timeout: Duration::from_millis(section.timeout_ms.value),
             cache: Duration::from_secs(section.cache_seconds),
             inactive_cache: Duration::from_secs(section.inactive_cache_seconds),
         }
     });
 
     let bounds = (
-        Duration::from_secs(raw.min_refresh_seconds.max(1)),
-        Duration::from_secs(raw.max_refresh_seconds.max(1)),
+        Duration::from_secs(raw.min_refresh_seconds.value.max(1)),
+        Duration::from_secs(raw.max_refresh_seconds.value.max(1)),
     );
     let refresh = match &raw.refresh_seconds {
         Some(refresh) => Duration::from_secs(refresh.value),
@@ -594,10 +600,10 @@ fn compile_provider(key: &str, raw: ProviderSection, problems: &mut Problems) ->
     };
     Provider {
         issuer: raw.issuer.value,
-        audiences: raw.audiences,
+        audiences: raw.audiences.value,
         jwks_uri: raw.jwks_uri.map(|uri| uri.value),
         leeway: Duration::from_secs(raw.leeway_seconds.value.min(MAX_LEEWAY_SECONDS)),
-        fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms),
+        fetch_timeout: Duration::from_millis(raw.fetch_timeout_ms.value),
         refresh,
         refresh_bounds: bounds,
         min_refetch: Duration::from_secs(raw.min_refetch_seconds.value.max(1)),
@@ -623,40 +629,64 @@ pub fn is_hmac(alg: Algorithm) -> bool {
 
 /// The `tokens:` section.
 pub(super) fn compile_tokens(raw: TokensSection, problems: &mut Problems) -> Tokens {
-    if raw.max_bytes < 64 {
-        problems.add(None, "tokens.max_bytes", "must be at least 64");
+    if raw.max_bytes.value < 64 {
+        let location = Some(&raw.max_bytes.referenced);
+        problems.add(location, "tokens.max_bytes", "must be at least 64");
     }
 
-    let forward = Forward {
-        client_id: raw.forward.client_id,
-        subject: raw.forward.subject,
-        scopes: raw.forward.scopes,
-        claims: raw.forward.claims.into_iter().collect(),
-    };
+    // Each header name with its key, in the order `Forward::names` gives.
+    let section = raw.forward;
+    let fixed = [
+        ("client_id", section.client_id),
+        ("subject", section.subject),
+        ("scopes", section.scopes),
+    ];
+    let mut named: Vec<(String, Spanned<String>)> = fixed
+        .into_iter()
+        .filter_map(|(field, name)| Some((format!("tokens.forward.{field}"), name?)))
+        .collect();
+    let claims: Vec<(String, Spanned<String>)> = section.claims.into_iter().collect();
+    for (claim, name) in &claims {
+        named.push((format!("tokens.forward.claims.{claim}"), name.clone()));
+    }
+
     let mut seen = std::collections::HashSet::new();
-    for name in forward.names() {
+    for (key, spanned) in &named {
+        let (name, location) = (spanned.value.as_str(), Some(&spanned.referenced));
         let valid = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
             let message = format!("{name:?} must be a lower-case header name (a-z, 0-9, -)");
-            problems.add(None, "tokens.forward", message);
+            problems.add(location, key, message);
         }
         if matches!(name, "authorization" | "host" | "cookie") || name.starts_with(':') {
-            problems.add(
-                None,
-                "tokens.forward",
-                format!("{name:?} cannot be forwarded"),
-            );
+            problems.add(location, key, format!("{name:?} cannot be forwarded"));
         }
         if !seen.insert(name.to_owned()) {
-            problems.add(None, "tokens.forward", format!("{name:?} is used twice"));
+            problems.add(location, key, format!("{name:?} is used twice"));
         }
     }
 
+    let header = |field: &str| {
+        let key = format!("tokens.forward.{field}");
+        named
+            .iter()
+            .find(|(named, _)| *named == key)
+            .map(|(_, name)| name.value.clone())
+    };
+    let forward = Forward {
+        client_id: header("client_id"),
+        subject: header("subject"),
+        scopes: header("scopes"),
+        claims: claims
+            .into_iter()
+            .map(|(claim, name)| (claim, name.value))
+            .collect(),
+    };
     Tokens {
-        max_bytes: raw.max_bytes,
+        max_bytes: raw.max_bytes.value,
         allow_query: raw.allow_query,
         forward,
     }
@@ -673,29 +703,26 @@ pub(super) fn compile_claims(
     for (index, section) in raw.into_iter().enumerate() {
         let key = format!("{route_key}.claims[{index}]");
         let at = Some(&section.claim.referenced);
-        let bad_pattern = section
-            .pattern
-            .as_ref()
-            .is_some_and(|pattern| regex::Regex::new(pattern).is_err());
+
+        // Checked as written, so that the message speaks of the user's
+        // text; then anchored so that `pattern` describes the whole value.
+        let pattern = match section.pattern.as_deref().map(regex::Regex::new) {
+            Some(Err(err)) => {
+                problems.add(at, format!("{key}.pattern"), regex_problem(&err));
+                continue;
+            }
+            Some(Ok(_)) => section
+                .pattern
+                .and_then(|pattern| regex::Regex::new(&format!("^(?:{pattern})$")).ok()),
+            None => None,
+        };
         let tests = [
             section.equals.map(ClaimTest::Equals),
             section.one_of.map(ClaimTest::OneOf),
-            section.pattern.and_then(|pattern| {
-                // Anchored so that `pattern` describes the whole value.
-                match regex::Regex::new(&format!("^(?:{pattern})$")) {
-                    Ok(regex) => Some(ClaimTest::Pattern(regex)),
-                    Err(err) => {
-                        problems.add(at, format!("{key}.pattern"), err.to_string());
-                        None
-                    }
-                }
-            }),
+            pattern.map(ClaimTest::Pattern),
         ];
         let mut tests: Vec<ClaimTest> = tests.into_iter().flatten().collect();
 
-        if bad_pattern {
-            continue;
-        }
         if tests.len() != 1 {
             problems.add(at, key, "needs exactly one of equals, one_of, pattern");
             continue;
@@ -706,6 +733,15 @@ pub(super) fn compile_claims(
         });
     }
     rules
+}
+
+/// The `regex` crate's reason, without the pattern drawn over several
+/// lines above it.
+fn regex_problem(err: &regex::Error) -> String {
+    let text = err.to_string();
+    let reason = text.lines().last().unwrap_or_default().trim();
+    let reason = reason.strip_prefix("error: ").unwrap_or(reason);
+    format!("not a valid regular expression: {reason}")
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::path::{Path, Segment};
+use crate::config::strict::strict;
 
 /// The most decimals `convert` may round to; beyond this f64 has no digits
 /// left to round and scaling by 10^n stops being exact enough to matter.
@@ -84,7 +85,7 @@ pub struct DropNulls {
     #[serde(default)]
     pub path: Option<Path>,
     /// Also clean nested objects, including objects inside arrays.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "strict")]
     pub recursive: bool,
 }
 
@@ -100,13 +101,13 @@ pub struct Convert {
     /// The numbers to convert; other values there are left alone.
     pub path: Path,
     /// Multiplier, 1 by default.
-    #[serde(default = "default_factor")]
+    #[serde(default = "default_factor", deserialize_with = "strict")]
     pub factor: f64,
     /// Added after multiplying, 0 by default.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub offset: f64,
     /// Decimals to round to, half away from zero; unrounded when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict")]
     pub round: Option<u32>,
 }
 
