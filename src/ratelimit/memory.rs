@@ -1,87 +1,237 @@
 //! Counters kept in this process, for a single Gatehouse instance.
 //!
 //! The same algorithms and the same all-or-nothing rule as the Redis
-//! scripts, on tokio's clock so that tests can pause time.
+//! scripts, on tokio's clock so that tests can pause time. A bounded moka
+//! cache holds them: a decision touches one entry, and memory stays within
+//! `memory_store.max_entries` whatever keys clients make up.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
+use moka::Expiry;
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use tokio::time::Instant;
 
 use super::{LimitStatus, Query, Verdict, keys};
-use crate::config::{Limit, LimitAlgorithm};
+use crate::config::{self, Limit, LimitAlgorithm};
+use crate::metrics;
 
-/// Expired counters are swept once the map holds this many entries.
-const SWEEP_AT: usize = 10_000;
+/// How long moka keeps an entry past the moment its last counter lapses.
+///
+/// Moka times entries on the std clock, the counters run on tokio's. In a
+/// server the two advance together and this only frees an entry a little
+/// later; with tokio's clock paused (tests) it keeps moka from dropping an
+/// entry whose counters tokio's clock still counts as running.
+const LINGER: Duration = Duration::from_secs(5);
 
-/// Counters by key (the Redis key layout), each expiring like a Redis key.
-#[derive(Default)]
+/// Counters by subject (policy, client, route group, tier and algorithm),
+/// each subject's limits in one entry.
+///
+/// One entry per subject is what keeps a decision all or nothing: moka
+/// runs the computations on one key one at a time, so reading, deciding
+/// and writing every limit of a subject is atomic without any lock of our
+/// own, and subjects never wait for each other.
+///
+/// Once the cache is full, moka's TinyLFU policy admits a new entry only
+/// when its key has been asked for more often than the entries it would
+/// push out, so keys seen once (a client rotating addresses) lose to
+/// clients in steady use. An entry dropped while a counter still runs is
+/// counted in [`metrics::Counter::RatelimitMemoryEvicted`].
 pub struct MemoryStore {
-    counters: Mutex<HashMap<String, Counter>>,
+    entries: Cache<String, Entry>,
+}
+
+/// The counters of one subject.
+#[derive(Clone)]
+struct Entry {
+    /// Each limit's counter, by the limit's window (unique within a policy,
+    /// and what the Redis key of a counter ends with).
+    counters: Arc<[(Duration, Counter)]>,
+    /// From the write until the last of them lapses.
+    lasts: Duration,
 }
 
 /// A counter and when it lapses: for GCRA the value is the TAT's offset
 /// from `expires` (always zero), for a fixed window the count.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Counter {
     count: u64,
     expires: Instant,
 }
 
+// === impl MemoryStore ===
+
 impl MemoryStore {
+    /// An empty store that keeps at most `bounds.max_entries` subjects.
+    pub fn new(bounds: &config::MemoryStore) -> Self {
+        let entries = Cache::builder()
+            .max_capacity(bounds.max_entries)
+            .expire_after(UntilLapsed)
+            .eviction_listener(|_key, entry: Entry, cause| {
+                // Lapsed counters cost nobody anything when they go; running
+                // ones forget what a client has spent.
+                if cause == RemovalCause::Size && entry.is_running(Instant::now()) {
+                    metrics::Counter::RatelimitMemoryEvicted.inc();
+                }
+            })
+            .build();
+        Self { entries }
+    }
+
     /// Decides `query` against every limit at once.
-    pub fn check(&self, query: &Query<'_>) -> Verdict {
-        let now = Instant::now();
+    pub async fn check(&self, query: &Query<'_>) -> Verdict {
         let algorithm = query.policy.algorithm;
         let limits = query.limits();
-        let keys: Vec<String> = limits
-            .iter()
-            .map(|limit| keys::counter("mem", &query.subject, algorithm, limit))
-            .collect();
+        let key = keys::subject_part("mem", &query.subject, algorithm);
 
-        // A poisoned lock only means another request panicked mid-update;
-        // the counters are still usable.
-        let mut counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if counters.len() >= SWEEP_AT {
-            counters.retain(|_, counter| counter.expires > now);
-        }
+        // Moka runs this once, while no other computation on the key runs:
+        // read every counter, decide, and write all of them or none. The
+        // clock is read inside, after any earlier decision on the key.
+        let mut decided = None;
+        self.entries
+            .entry(key)
+            .and_compute_with(|entry| {
+                let now = Instant::now();
+                let entry = entry.map(moka::Entry::into_value);
+                let current: Vec<Option<Counter>> = limits
+                    .iter()
+                    .map(|limit| entry.as_ref().and_then(|e| e.running(limit.window, now)))
+                    .collect();
 
-        let current: Vec<Option<Counter>> = keys
-            .iter()
-            .map(|key| counters.get(key).copied().filter(|c| c.expires > now))
-            .collect();
-        let (verdict, updated) = match algorithm {
-            LimitAlgorithm::Gcra => gcra(now, query.cost, limits, &current),
-            LimitAlgorithm::FixedWindow => fixed_window(now, query.cost, limits, &current),
-        };
+                let (verdict, updated) = match algorithm {
+                    LimitAlgorithm::Gcra => gcra(now, query.cost, limits, &current),
+                    LimitAlgorithm::FixedWindow => fixed_window(now, query.cost, limits, &current),
+                };
+                let op = if verdict.allowed {
+                    Op::Put(Entry::new(limits, updated, now))
+                } else {
+                    Op::Nop
+                };
 
-        if verdict.allowed {
-            for (key, counter) in keys.into_iter().zip(updated) {
-                counters.insert(key, counter);
-            }
-        }
-        verdict
+                decided = Some(verdict);
+                std::future::ready(op)
+            })
+            .await;
+
+        decided.expect("moka runs the computation once before and_compute_with returns")
     }
 }
 
 #[cfg(test)]
 impl MemoryStore {
-    /// Every live counter's count and expiry, to see what a decision wrote.
-    pub(super) fn snapshot(&self) -> HashMap<String, (u64, Instant)> {
-        let counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+    /// Every running counter's count and expiry by its Redis-style key, to
+    /// see what a decision wrote.
+    pub(super) fn snapshot(&self) -> std::collections::HashMap<String, (u64, Instant)> {
         let now = Instant::now();
-        counters
+        self.entries
             .iter()
-            .filter(|(_, counter)| counter.expires > now)
-            .map(|(key, counter)| (key.clone(), (counter.count, counter.expires)))
+            .flat_map(|(key, entry)| {
+                entry
+                    .counters
+                    .iter()
+                    .filter(|(_, counter)| counter.is_running(now))
+                    .map(|(window, counter)| {
+                        let key = format!("{key}:{}", window.as_millis());
+                        (key, (counter.count, counter.expires))
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect()
+    }
+
+    /// Lets moka finish its pending admissions, evictions and expiries.
+    pub(super) async fn settle(&self) {
+        self.entries.run_pending_tasks().await;
+    }
+
+    /// Entries admitted, as of the last [`Self::settle`] or housekeeping.
+    pub(super) fn entry_count(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    /// Entries in moka's table right now, admitted or still pending.
+    pub(super) fn stored(&self) -> usize {
+        self.entries.iter().count()
+    }
+}
+
+// === impl Entry ===
+
+impl Entry {
+    /// The counters the decision wrote, one per limit.
+    fn new(limits: &[Limit], counters: Vec<Counter>, now: Instant) -> Self {
+        let lasts = counters
+            .iter()
+            .map(|counter| counter.expires.saturating_duration_since(now))
+            .max()
+            .unwrap_or_default();
+        let counters = limits.iter().map(|limit| limit.window).zip(counters);
+        Self {
+            counters: counters.collect(),
+            lasts,
+        }
+    }
+
+    /// The counter of the limit with this window, if it is still running.
+    fn running(&self, window: Duration, now: Instant) -> Option<Counter> {
+        self.counters
+            .iter()
+            .find(|(of, _)| *of == window)
+            .map(|(_, counter)| *counter)
+            .filter(|counter| counter.is_running(now))
+    }
+
+    /// Whether any of its counters still runs.
+    fn is_running(&self, now: Instant) -> bool {
+        self.counters
+            .iter()
+            .any(|(_, counter)| counter.is_running(now))
+    }
+}
+
+/// Moka drops an entry a little after its last counter lapses, as a Redis
+/// key's TTL would.
+struct UntilLapsed;
+
+impl Expiry<String, Entry> for UntilLapsed {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        entry: &Entry,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(entry.lasts + LINGER)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        entry: &Entry,
+        _updated_at: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.lasts + LINGER)
+    }
+}
+
+// === impl Counter ===
+
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread asked whether a counter runs: every look
+    /// at a counter asks, so this shows how much of the store a call saw.
+    pub(super) static LOOKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+impl Counter {
+    /// Whether the counter still holds anything at `now`.
+    fn is_running(&self, now: Instant) -> bool {
+        #[cfg(test)]
+        LOOKS.with(|looks| looks.set(looks.get() + 1));
+
+        self.expires > now
     }
 }
 
