@@ -62,14 +62,14 @@ const DEFAULT_REDIS_TIMEOUT_MS: u64 = 20;
 const MAX_REDIS_TIMEOUT_MS: u64 = 500;
 
 /// How many entries the in-memory rate-limit store keeps by default: about
-/// 60 MB, at roughly 0.6 KB an entry.
+/// 70 MB, at roughly 0.7 KB an entry.
 pub const DEFAULT_MEMORY_ENTRIES: u64 = 100_000;
 
 /// The fewest entries the in-memory store may keep: fewer would let modest
 /// traffic push out counters that are still running.
 const MIN_MEMORY_ENTRIES: u64 = 1_000;
 
-/// The most entries the in-memory store may keep, about 6 GB.
+/// The most entries the in-memory store may keep, about 7 GB.
 const MAX_MEMORY_ENTRIES: u64 = 10_000_000;
 
 /// Policy, tier and route group names are at most this long.

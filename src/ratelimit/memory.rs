@@ -6,33 +6,36 @@
 //! `memory_store.max_entries` whatever keys clients make up.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::Expiry;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{LimitStatus, Query, Verdict, keys};
 use crate::config::{self, Limit, LimitAlgorithm};
 use crate::metrics;
 
-/// How long moka keeps an entry past the moment its last counter lapses.
+/// How much longer than its horizon moka keeps an entry after a read.
 ///
-/// Moka times entries on the std clock, the counters run on tokio's. In a
-/// server the two advance together and this only frees an entry a little
-/// later; with tokio's clock paused (tests) it keeps moka from dropping an
-/// entry whose counters tokio's clock still counts as running.
+/// Moka reads its own (std) clock when it renews an entry, and the decision
+/// reads tokio's a moment later; in a server the two advance together and
+/// this covers that moment many times over. With tokio's clock paused
+/// (tests) it keeps moka from dropping an entry that tokio's clock still
+/// counts as running.
 const LINGER: Duration = Duration::from_secs(5);
 
 /// Counters by subject (policy, client, route group, tier and algorithm),
 /// each subject's limits in one entry.
 ///
-/// One entry per subject is what keeps a decision all or nothing: moka
-/// runs the computations on one key one at a time, so reading, deciding
-/// and writing every limit of a subject is atomic without any lock of our
-/// own, and subjects never wait for each other.
+/// A decision finds its subject's entry (making it if missing) and then
+/// holds that entry's own lock while it reads, decides and writes every
+/// limit: all or nothing, and subjects never wait for each other. Moka is
+/// only written when an entry is made, so a decision on a known client
+/// costs one read of the cache.
 ///
 /// Once the cache is full, moka's TinyLFU policy admits a new entry only
 /// when its key has been asked for more often than the entries it would
@@ -40,17 +43,19 @@ const LINGER: Duration = Duration::from_secs(5);
 /// clients in steady use. An entry dropped while a counter still runs is
 /// counted in [`metrics::Counter::RatelimitMemoryEvicted`].
 pub struct MemoryStore {
-    entries: Cache<String, Entry>,
+    entries: Cache<String, Arc<Slot>>,
 }
 
-/// The counters of one subject.
-#[derive(Clone)]
-struct Entry {
+/// The counters of one subject, changed in place under their own lock.
+///
+/// Never call moka while holding the lock: moka's housekeeping runs inside
+/// its calls and calls the eviction listener, which takes it.
+struct Slot {
     /// Each limit's counter, by the limit's window (unique within a policy,
     /// and what the Redis key of a counter ends with).
-    counters: Arc<[(Duration, Counter)]>,
-    /// From the write until the last of them lapses.
-    lasts: Duration,
+    counters: Mutex<Vec<(Duration, Counter)>>,
+    /// The subject's [`horizon`] in microseconds, as of its last decision.
+    horizon_micros: AtomicU64,
 }
 
 /// A counter and when it lapses: for GCRA the value is the TAT's offset
@@ -68,11 +73,11 @@ impl MemoryStore {
     pub fn new(bounds: &config::MemoryStore) -> Self {
         let entries = Cache::builder()
             .max_capacity(bounds.max_entries)
-            .expire_after(UntilLapsed)
-            .eviction_listener(|_key, entry: Entry, cause| {
+            .expire_after(UntilQuiet)
+            .eviction_listener(|_key, slot: Arc<Slot>, cause| {
                 // Lapsed counters cost nobody anything when they go; running
                 // ones forget what a client has spent.
-                if cause == RemovalCause::Size && entry.is_running(Instant::now()) {
+                if cause == RemovalCause::Size && slot.is_running(Instant::now()) {
                     metrics::Counter::RatelimitMemoryEvicted.inc();
                 }
             })
@@ -84,38 +89,38 @@ impl MemoryStore {
     pub async fn check(&self, query: &Query<'_>) -> Verdict {
         let algorithm = query.policy.algorithm;
         let limits = query.limits();
+        let horizon = horizon(limits);
         let key = keys::subject_part("mem", &query.subject, algorithm);
 
-        // Moka runs this once, while no other computation on the key runs:
-        // read every counter, decide, and write all of them or none. The
-        // clock is read inside, after any earlier decision on the key.
-        let mut decided = None;
-        self.entries
-            .entry(key)
-            .and_compute_with(|entry| {
-                let now = Instant::now();
-                let entry = entry.map(moka::Entry::into_value);
-                let current: Vec<Option<Counter>> = limits
-                    .iter()
-                    .map(|limit| entry.as_ref().and_then(|e| e.running(limit.window, now)))
-                    .collect();
-
-                let (verdict, updated) = match algorithm {
-                    LimitAlgorithm::Gcra => gcra(now, query.cost, limits, &current),
-                    LimitAlgorithm::FixedWindow => fixed_window(now, query.cost, limits, &current),
-                };
-                let op = if verdict.allowed {
-                    Op::Put(Entry::new(limits, updated, now))
-                } else {
-                    Op::Nop
-                };
-
-                decided = Some(verdict);
-                std::future::ready(op)
-            })
+        // Reading the entry renews it in moka for the horizon; a missing one
+        // is made once, however many decisions ask for it at the same time.
+        let slot = self
+            .entries
+            .get_with_by_ref(key.as_str(), async { Arc::new(Slot::new(horizon)) })
             .await;
+        if slot.widen(horizon) {
+            // The limits grew longer (a reload): read again, so that moka
+            // keeps the entry for the new horizon.
+            self.entries.get(key.as_str()).await;
+        }
 
-        decided.expect("moka runs the computation once before and_compute_with returns")
+        // From reading the counters to writing them, under the entry's lock.
+        let mut counters = slot.counters.lock();
+        let now = Instant::now();
+        let current: Vec<Option<Counter>> = limits
+            .iter()
+            .map(|limit| running(&counters, limit.window, now))
+            .collect();
+
+        let (verdict, updated) = match algorithm {
+            LimitAlgorithm::Gcra => gcra(now, query.cost, limits, &current),
+            LimitAlgorithm::FixedWindow => fixed_window(now, query.cost, limits, &current),
+        };
+        if verdict.allowed {
+            counters.clear();
+            counters.extend(limits.iter().map(|limit| limit.window).zip(updated));
+        }
+        verdict
     }
 }
 
@@ -125,20 +130,16 @@ impl MemoryStore {
     /// see what a decision wrote.
     pub(super) fn snapshot(&self) -> std::collections::HashMap<String, (u64, Instant)> {
         let now = Instant::now();
-        self.entries
-            .iter()
-            .flat_map(|(key, entry)| {
-                entry
-                    .counters
-                    .iter()
-                    .filter(|(_, counter)| counter.is_running(now))
-                    .map(|(window, counter)| {
-                        let key = format!("{key}:{}", window.as_millis());
-                        (key, (counter.count, counter.expires))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut snapshot = std::collections::HashMap::new();
+        for (key, slot) in self.entries.iter() {
+            for (window, counter) in slot.counters.lock().iter() {
+                if counter.is_running(now) {
+                    let key = format!("{key}:{}", window.as_millis());
+                    snapshot.insert(key, (counter.count, counter.expires));
+                }
+            }
+        }
+        snapshot
     }
 
     /// Lets moka finish its pending admissions, evictions and expiries.
@@ -157,62 +158,84 @@ impl MemoryStore {
     }
 }
 
-// === impl Entry ===
+/// The counter of the limit with this window, if it is still running.
+fn running(counters: &[(Duration, Counter)], window: Duration, now: Instant) -> Option<Counter> {
+    counters
+        .iter()
+        .find(|(of, _)| *of == window)
+        .map(|(_, counter)| *counter)
+        .filter(|counter| counter.is_running(now))
+}
 
-impl Entry {
-    /// The counters the decision wrote, one per limit.
-    fn new(limits: &[Limit], counters: Vec<Counter>, now: Instant) -> Self {
-        let lasts = counters
-            .iter()
-            .map(|counter| counter.expires.saturating_duration_since(now))
-            .max()
-            .unwrap_or_default();
-        let counters = limits.iter().map(|limit| limit.window).zip(counters);
+/// The longest any counter can run after a decision under `limits`: a fixed
+/// window's length, or the time a whole GCRA burst takes to come back (a
+/// decision that would push the TAT further is refused).
+pub(super) fn horizon(limits: &[Limit]) -> Duration {
+    limits
+        .iter()
+        .map(|limit| limit.window.max(times(interval(limit), limit.burst)))
+        .max()
+        .unwrap_or_default()
+}
+
+// === impl Slot ===
+
+impl Slot {
+    fn new(horizon: Duration) -> Self {
         Self {
-            counters: counters.collect(),
-            lasts,
+            counters: Mutex::new(Vec::new()),
+            horizon_micros: AtomicU64::new(micros(horizon)),
         }
     }
 
-    /// The counter of the limit with this window, if it is still running.
-    fn running(&self, window: Duration, now: Instant) -> Option<Counter> {
-        self.counters
-            .iter()
-            .find(|(of, _)| *of == window)
-            .map(|(_, counter)| *counter)
-            .filter(|counter| counter.is_running(now))
+    /// Records the horizon of the limits that now apply, and whether it is
+    /// longer than the one moka renewed the entry for.
+    fn widen(&self, horizon: Duration) -> bool {
+        let horizon = micros(horizon);
+        self.horizon_micros.swap(horizon, Ordering::Relaxed) < horizon
+    }
+
+    /// How long moka keeps the entry after a read: no decision made then
+    /// can leave a counter running for longer.
+    fn keep(&self) -> Duration {
+        Duration::from_micros(self.horizon_micros.load(Ordering::Relaxed)) + LINGER
     }
 
     /// Whether any of its counters still runs.
     fn is_running(&self, now: Instant) -> bool {
-        self.counters
-            .iter()
-            .any(|(_, counter)| counter.is_running(now))
+        let counters = self.counters.lock();
+        counters.iter().any(|(_, counter)| counter.is_running(now))
     }
 }
 
-/// Moka drops an entry a little after its last counter lapses, as a Redis
-/// key's TTL would.
-struct UntilLapsed;
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
 
-impl Expiry<String, Entry> for UntilLapsed {
+/// Moka drops an entry once its subject has been quiet for longer than any
+/// of its counters can run: like a Redis key's TTL, but renewed on reads so
+/// that a decision never has to write to moka.
+struct UntilQuiet;
+
+impl Expiry<String, Arc<Slot>> for UntilQuiet {
     fn expire_after_create(
         &self,
         _key: &String,
-        entry: &Entry,
+        slot: &Arc<Slot>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.lasts + LINGER)
+        Some(slot.keep())
     }
 
-    fn expire_after_update(
+    fn expire_after_read(
         &self,
         _key: &String,
-        entry: &Entry,
-        _updated_at: std::time::Instant,
+        slot: &Arc<Slot>,
+        _read_at: std::time::Instant,
         _left: Option<Duration>,
+        _last_modified_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.lasts + LINGER)
+        Some(slot.keep())
     }
 }
 

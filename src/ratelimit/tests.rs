@@ -425,3 +425,33 @@ async fn concurrent_decisions_on_one_client_are_all_or_nothing() {
         assert_eq!(refused.limits[1].remaining, 50, "{algorithm:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_counter_runs_longer_than_the_horizon_moka_keeps_its_entry_for() {
+    // A burst larger than the rate: the GCRA horizon is the 10 requests'
+    // 7200 s, twice the window.
+    let limits = vec![limit(5, 3600, 10), limit(2, 1, 2)];
+    assert_eq!(memory::horizon(&limits), Duration::from_secs(7200));
+    let fixed = vec![limit(5, 3600, 5), limit(2, 1, 2)];
+    assert_eq!(memory::horizon(&fixed), Duration::from_secs(3600));
+
+    for (algorithm, limits) in [
+        (LimitAlgorithm::Gcra, limits),
+        (LimitAlgorithm::FixedWindow, fixed),
+    ] {
+        let limiter = memory();
+        let horizon = memory::horizon(&limits);
+        let policy = policy(algorithm, limits);
+
+        // Every decision renews the entry for the horizon from its own
+        // moment; whatever it writes must lapse within that.
+        for round in 0..40u64 {
+            decide(&limiter, &policy, "c", 1 + round % 2).await;
+            let latest = tokio::time::Instant::now() + horizon;
+            for (key, (_, expires)) in counters(&limiter) {
+                assert!(expires <= latest, "{algorithm:?} round {round}: {key}");
+            }
+            tokio::time::advance(Duration::from_millis(700)).await;
+        }
+    }
+}
