@@ -40,9 +40,13 @@ pub enum Counter {
     TokenCacheHit,
     /// A JWT was not in the verified-token cache and went on to be verified.
     TokenCacheMiss,
+    /// The in-memory rate-limit store was full and dropped a client's
+    /// counters while they were still running: that client's spending so
+    /// far is forgotten.
+    RatelimitMemoryEvicted,
 }
 
-const ALL: [Counter; 10] = [
+const ALL: [Counter; 11] = [
     Counter::ReshapeSkipped,
     Counter::ReshapeBuffered,
     Counter::Reshaped,
@@ -53,6 +57,7 @@ const ALL: [Counter; 10] = [
     Counter::CompositeBackendFailed,
     Counter::TokenCacheHit,
     Counter::TokenCacheMiss,
+    Counter::RatelimitMemoryEvicted,
 ];
 
 static VALUES: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
@@ -71,6 +76,7 @@ impl Counter {
             Self::CompositeBackendFailed => "composite_backend_failed",
             Self::TokenCacheHit => "token_cache_hits",
             Self::TokenCacheMiss => "token_cache_misses",
+            Self::RatelimitMemoryEvicted => "ratelimit_memory_evictions",
         }
     }
 
@@ -87,6 +93,7 @@ impl Counter {
             Self::CompositeBackendFailed => "gatehouse_composite_backend_failed_total",
             Self::TokenCacheHit => "gatehouse_token_cache_hits_total",
             Self::TokenCacheMiss => "gatehouse_token_cache_misses_total",
+            Self::RatelimitMemoryEvicted => "gatehouse_ratelimit_memory_evictions_total",
         }
     }
 
@@ -103,6 +110,9 @@ impl Counter {
             Self::CompositeBackendFailed => "Parts of composite endpoints that failed.",
             Self::TokenCacheHit => "JWTs found in the verified-token cache.",
             Self::TokenCacheMiss => "JWTs not in the verified-token cache.",
+            Self::RatelimitMemoryEvicted => {
+                "Running rate-limit counters the full in-memory store dropped."
+            }
         }
     }
 

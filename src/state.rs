@@ -104,17 +104,18 @@ fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateErr
     let authn = Arc::new(authn);
 
     let limiter = match previous {
-        Some(previous) if same_redis(&previous.config, &config) => previous.limiter.clone(),
+        Some(previous) if same_store(&previous.config, &config) => previous.limiter.clone(),
         _ => {
             match &config.redis {
                 Some(redis) => {
                     tracing::info!(redis.url = %crate::config::redact_url(&redis.url), "rate limits are kept in redis")
                 }
                 None => tracing::info!(
+                    ratelimit.memory.max_entries = config.memory_store.max_entries,
                     "no redis configured: rate limits are kept in memory and hold for this instance only"
                 ),
             }
-            Arc::new(Limiter::new(config.redis.as_ref())?)
+            Arc::new(Limiter::new(config.redis.as_ref(), &config.memory_store)?)
         }
     };
 
@@ -125,7 +126,9 @@ fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, StateErr
     })
 }
 
-fn same_redis(a: &Config, b: &Config) -> bool {
+/// Whether `b` keeps the counters where `a` keeps them: the same Redis, or
+/// memory with the same bounds (moka cannot change a cache's capacity).
+fn same_store(a: &Config, b: &Config) -> bool {
     match (&a.redis, &b.redis) {
         (Some(a), Some(b)) => {
             a.url == b.url
@@ -133,7 +136,39 @@ fn same_redis(a: &Config, b: &Config) -> bool {
                 && a.key_prefix == b.key_prefix
                 && a.cluster == b.cluster
         }
-        (None, None) => true,
+        (None, None) => a.memory_store == b.memory_store,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(store: &str) -> Config {
+        let text = format!(
+            "provider:\n  issuer: http://127.0.0.1:3000\n  audiences: [a]\n{store}\n\
+             routes:\n  - {{name: r, prefix: /r}}\n"
+        );
+        Config::from_yaml(Path::new("gatehouse.yaml"), &text, HashMap::new()).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_keeps_in_memory_counters_only_within_the_same_bounds() {
+        let default = config("");
+        let spelled_out = config("memory_store: {max_entries: 100000}");
+        let larger = config("memory_store: {max_entries: 200000}");
+        let redis = config("redis: {url: 'redis://127.0.0.1:6379'}");
+
+        assert!(
+            same_store(&default, &spelled_out),
+            "the default, written out"
+        );
+        assert!(!same_store(&default, &larger), "moka cannot grow a cache");
+        assert!(!same_store(&default, &redis));
+        assert!(!same_store(&redis, &default));
     }
 }

@@ -84,6 +84,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub redis: Option<RedisSection>,
 
+    /// The in-process rate-limit store, used when there is no `redis`.
+    #[serde(default)]
+    pub memory_store: Option<MemoryStoreSection>,
+
     /// Named rate-limit policies that routes refer to.
     #[serde(default)]
     pub rate_limits: BTreeMap<Name, RateLimitSection>,
@@ -185,6 +189,18 @@ pub struct RedisSection {
 
 fn default_key_prefix() -> String {
     "gatehouse".to_owned()
+}
+
+/// `memory_store:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryStoreSection {
+    /// How many clients' counters (one entry per client, policy, route
+    /// group and tier) are kept at once (default 100000, 1000 to 10000000).
+    /// Memory stays bounded whatever clients send; once full, the entries
+    /// least worth keeping are dropped and counted.
+    #[serde(default)]
+    pub max_entries: Option<Spanned<u64>>,
 }
 
 /// One entry of `rate_limits:`.

@@ -66,6 +66,17 @@ const DEFAULT_REDIS_TIMEOUT_MS: u64 = 20;
 /// timeout, leaving the other half to the token checks.
 const MAX_REDIS_TIMEOUT_MS: u64 = 500;
 
+/// How many entries the in-memory rate-limit store keeps by default: about
+/// 70 MB, at roughly 0.7 KB an entry.
+pub const DEFAULT_MEMORY_ENTRIES: u64 = 100_000;
+
+/// The fewest entries the in-memory store may keep: fewer would let modest
+/// traffic push out counters that are still running.
+const MIN_MEMORY_ENTRIES: u64 = 1_000;
+
+/// The most entries the in-memory store may keep, about 7 GB.
+const MAX_MEMORY_ENTRIES: u64 = 10_000_000;
+
 /// Policy, tier and route group names are at most this long.
 const MAX_NAME_CHARS: usize = 64;
 
@@ -96,6 +107,9 @@ pub struct Config {
 
     /// The shared rate-limit store, if any.
     pub redis: Option<Redis>,
+
+    /// The in-process store, used when `redis` is `None`.
+    pub memory_store: MemoryStore,
 
     /// Limits on reshaped bodies.
     pub reshape: ReshapeLimits,
@@ -157,6 +171,21 @@ impl fmt::Debug for Redis {
             .field("key_prefix", &self.key_prefix)
             .field("cluster", &self.cluster)
             .finish()
+    }
+}
+
+/// The in-process rate-limit store's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStore {
+    /// Entries (one per client, policy, route group and tier) kept at once.
+    pub max_entries: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_MEMORY_ENTRIES,
+        }
     }
 }
 
@@ -584,6 +613,13 @@ fn compile(
     let redis = raw
         .redis
         .map(|redis| compile_redis(redis, &providers, &mut problems));
+    let mut warnings = Problems(Vec::new());
+    let memory_store = compile_memory_store(
+        raw.memory_store,
+        redis.is_some(),
+        &mut problems,
+        &mut warnings,
+    );
 
     let rate_limits: HashMap<String, Arc<RateLimitPolicy>> = raw
         .rate_limits
@@ -626,7 +662,6 @@ fn compile(
         let message = "a route accepts opaque tokens but no provider has introspection";
         problems.add(Some(&location), key, message);
     }
-    let mut warnings = Problems(Vec::new());
     let routes = compile_routes(raw.routes, &context, &mut problems, &mut warnings);
     let route_names: HashSet<&str> = routes.iter().map(|route| route.name.as_str()).collect();
 
@@ -714,6 +749,7 @@ fn compile(
         providers,
         tokens,
         redis,
+        memory_store,
         reshape,
         profiles,
         clients,
@@ -775,6 +811,33 @@ fn compile_redis(
         timeout,
         key_prefix: raw.key_prefix,
         cluster: raw.cluster,
+    }
+}
+
+fn compile_memory_store(
+    raw: Option<file::MemoryStoreSection>,
+    with_redis: bool,
+    problems: &mut Problems,
+    warnings: &mut Problems,
+) -> MemoryStore {
+    let Some(max_entries) = raw.and_then(|raw| raw.max_entries) else {
+        return MemoryStore::default();
+    };
+    let location = Some(&max_entries.referenced);
+
+    if !(MIN_MEMORY_ENTRIES..=MAX_MEMORY_ENTRIES).contains(&max_entries.value) {
+        let message = format!("must be between {MIN_MEMORY_ENTRIES} and {MAX_MEMORY_ENTRIES}");
+        problems.add(location, "memory_store.max_entries", message);
+    }
+
+    // Harmless, but the operator probably thinks it bounds something.
+    if with_redis {
+        let message = "has no effect: with a redis section the counters are kept in redis";
+        warnings.add(location, "memory_store.max_entries", message);
+    }
+
+    MemoryStore {
+        max_entries: max_entries.value,
     }
 }
 

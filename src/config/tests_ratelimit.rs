@@ -337,3 +337,56 @@ fn a_public_limit_without_the_client_address_header_is_warned_about() {
     let unlimited = file("  p: {requests: 5, window_seconds: 1}", "", "");
     assert!(load(&unlimited).expect("valid").warnings.is_empty());
 }
+
+/// A file without `redis`, `section` at line 4.
+fn without_redis(section: &str) -> String {
+    format!(
+        "provider:
+  issuer: http://127.0.0.1:3000
+  audiences: [a]
+{section}
+routes:
+  - {{name: r, prefix: /r}}
+"
+    )
+}
+
+#[test]
+fn the_memory_store_is_bounded_by_default_and_within_bounds_when_set() {
+    let config = load(&without_redis("")).expect("no memory_store section");
+    assert_eq!(config.memory_store.max_entries, 100_000);
+
+    let config = load(&without_redis("memory_store: {max_entries: 250000}")).expect("in bounds");
+    assert_eq!(config.memory_store.max_entries, 250_000);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    for bad in [0, 999, 10_000_001] {
+        let text = without_redis(&format!("memory_store:\n  max_entries: {bad}"));
+        let err = problems(&text);
+        assert!(
+            err.contains(
+                "gatehouse.yaml:5: memory_store.max_entries: must be between 1000 and 10000000"
+            ),
+            "{bad}: {err}"
+        );
+    }
+
+    let err = problems(&without_redis("memory_store: {max_keys: 5}"));
+    assert!(err.contains("max_keys"), "unknown keys are errors: {err}");
+}
+
+#[test]
+fn a_memory_store_beside_redis_is_warned_about() {
+    let text = file(
+        "  p: {requests: 5, window_seconds: 1}",
+        "client_address_header: x-client-address\nmemory_store:\n  max_entries: 5000",
+        "",
+    );
+    let config = load(&text).expect("valid, with a warning");
+    let warnings = config.rendered_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("gatehouse.yaml:11: memory_store.max_entries: has no effect"),
+        "{warnings:?}"
+    );
+}

@@ -44,6 +44,14 @@ pub fn counter(
     algorithm: LimitAlgorithm,
     limit: &Limit,
 ) -> String {
+    let subject = subject_part(prefix, subject, algorithm);
+    format!("{subject}:{}", limit.window.as_millis())
+}
+
+/// What the keys of one decision share:
+/// `<prefix>:rl:{<policy>|<client>}:<group>:<tier>:<algorithm>`; a
+/// counter's key is this, `:` and its window in milliseconds.
+pub fn subject_part(prefix: &str, subject: &Subject<'_>, algorithm: LimitAlgorithm) -> String {
     let client = client_part(subject.client);
     let algorithm = match algorithm {
         LimitAlgorithm::Gcra => "gcra",
@@ -51,11 +59,10 @@ pub fn counter(
     };
 
     format!(
-        "{prefix}:rl:{{{}|{client}}}:{}:{}:{algorithm}:{}",
+        "{prefix}:rl:{{{}|{client}}}:{}:{}:{algorithm}",
         subject.policy,
         subject.group.unwrap_or("_"),
         subject.tier.unwrap_or("_"),
-        limit.window.as_millis(),
     )
 }
 

@@ -199,15 +199,19 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// A limiter on the configured Redis, or in memory when none is configured.
+    /// A limiter on the configured Redis, or in memory within `memory`'s
+    /// bounds when none is configured.
     ///
     /// # Errors
     ///
     /// When the Redis URL cannot be parsed, or Redis's thread cannot start.
-    pub fn new(redis: Option<&config::Redis>) -> Result<Self, ::redis::RedisError> {
+    pub fn new(
+        redis: Option<&config::Redis>,
+        memory: &config::MemoryStore,
+    ) -> Result<Self, ::redis::RedisError> {
         let store = match redis {
             Some(redis) => Store::Redis(RedisStore::new(redis)?),
-            None => Store::Memory(MemoryStore::default()),
+            None => Store::Memory(MemoryStore::new(memory)),
         };
         Ok(Self {
             store,
@@ -270,7 +274,7 @@ impl Limiter {
         let started = Instant::now();
         let (store, result) = match &self.store {
             Store::Redis(store) => ("redis", store.check(query).await),
-            Store::Memory(store) => ("memory", Ok(store.check(query))),
+            Store::Memory(store) => ("memory", Ok(store.check(query).await)),
         };
         metrics::ratelimit_store_called(store, started.elapsed());
         result
