@@ -101,6 +101,27 @@ async fn check(path: &str, token: &str) -> Checked {
     setup().gate.check(path, token).await
 }
 
+/// Envoy with the repository's config in front of the Gatehouse above,
+/// started on first use. Its routes know nothing of `/tenant` or `/admin`:
+/// ext_authz runs first on every route, so Gatehouse's answer is what the
+/// client gets.
+fn envoy_port() -> u16 {
+    static ENVOY: OnceLock<(support::Proc, u16)> = OnceLock::new();
+    ENVOY
+        .get_or_init(|| {
+            let gate = &setup().gate;
+            let (proc, ports) = support::envoy(
+                gate.dir.path(),
+                gate.ports.grpc,
+                support::free_port(),
+                support::free_port(),
+                None,
+            );
+            (proc, ports.listener)
+        })
+        .1
+}
+
 fn challenge(checked: &Checked) -> &str {
     checked
         .headers
@@ -111,6 +132,60 @@ fn challenge(checked: &Checked) -> &str {
 fn error(checked: &Checked) -> String {
     let body: Value = serde_json::from_str(&checked.body).unwrap_or_default();
     body["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn claim_and_scope_refusals_reach_the_client_through_envoy() {
+    let key = &setup().key;
+    // Keys loaded: Check answers with its verdicts, not with a 503.
+    check("/reports", &sign_claims(key, &claims("vehicles:read"))).await;
+    let port = envoy_port();
+    let http = reqwest::Client::new();
+
+    let mut wrong_tenant = claims("vehicles:read");
+    wrong_tenant["tenant"] = json!("globex");
+    let cases = [
+        ("/tenant", sign_claims(key, &wrong_tenant), "claim_mismatch"),
+        (
+            "/admin",
+            sign_claims(key, &claims("vehicles:read")),
+            "insufficient_scope",
+        ),
+    ];
+    for (path, token, code) in cases {
+        let response = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("request through envoy");
+
+        assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN, "{path}");
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            challenge.starts_with("Bearer error=\"insufficient_scope\""),
+            "{path}: {challenge}"
+        );
+        let body: Value = response.json().await.expect("json body");
+        assert_eq!(body["error"], code, "{path}: {body}");
+    }
+
+    // The same client with the right tenant passes Envoy too (its route is
+    // Envoy's catch-all 404, which only an allowed request reaches).
+    let response = http
+        .get(format!("http://127.0.0.1:{port}/tenant"))
+        .bearer_auth(sign_claims(key, &claims("vehicles:read")))
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.expect("json body");
+    assert_eq!(body, json!({"error": "not_found"}), "Envoy's own 404");
 }
 
 #[tokio::test]
