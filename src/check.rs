@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::authn::{Credentials, Identity, bearer};
 use crate::authz;
-use crate::config::{Forward, Route};
+use crate::config::{Forward, Route, RouteLimit};
 use crate::decision::{Allow, Decision, IDENTITY_HEADERS, Metadata, Refusal};
 use crate::metrics;
 use crate::profile;
@@ -309,9 +309,43 @@ async fn limit(
     client_key: &str,
     identity: Option<&Identity>,
 ) -> Result<Vec<(String, String)>, Refusal> {
-    let Some(limit) = &route.rate_limit else {
-        return Ok(Vec::new());
+    let headers = match &route.rate_limit {
+        Some(limit) => limit_one(runtime, limit, client_key, identity).await?,
+        None => Vec::new(),
     };
+
+    // A composite answers with its parts' routes' data, so their limits
+    // count too: otherwise `/overview` would read stations past the
+    // stations policy. Each counter (policy and group) counts once per
+    // request, so a part sharing the composite's own counter costs nothing
+    // more; the answer carries the composite's own headers.
+    // TODO: the composite's own limit and its parts' are decided one after
+    // the other, so a part that refuses leaves the earlier ones consumed.
+    if let Some(composite) = &route.composite {
+        let counter = |limit: &RouteLimit| (limit.policy.name.clone(), limit.group.clone());
+        let mut counted: Vec<_> = route.rate_limit.iter().map(counter).collect();
+        for part in &composite.parts {
+            let own = route::part_route(&runtime.config.routes, &part.path);
+            let Some(limit) = own.and_then(|own| own.rate_limit.as_ref()) else {
+                continue;
+            };
+            if counted.contains(&counter(limit)) {
+                continue;
+            }
+            counted.push(counter(limit));
+            limit_one(runtime, limit, client_key, identity).await?;
+        }
+    }
+    Ok(headers)
+}
+
+/// Counts one request against `limit` for this client.
+async fn limit_one(
+    runtime: &Runtime,
+    limit: &RouteLimit,
+    client_key: &str,
+    identity: Option<&Identity>,
+) -> Result<Vec<(String, String)>, Refusal> {
     let policy = &limit.policy;
     let configured = identity
         .and_then(|identity| runtime.config.clients.get(&identity.client_id))

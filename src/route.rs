@@ -14,6 +14,18 @@ pub fn find<'a>(routes: &'a [Route], method: &str, path: &str) -> Option<&'a Rou
     routes.iter().find(|route| matches(route, method, path))
 }
 
+/// The route that serves a composite part's `path` on its own: the first
+/// plain (not composite) route that takes `GET` there.
+///
+/// A composite answers with that route's data, so the client's profile for
+/// it and its rate limit apply to the part as they would to the route.
+pub fn part_route<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
+    routes
+        .iter()
+        .filter(|route| route.composite.is_none())
+        .find(|route| matches(route, "GET", path))
+}
+
 /// Whether `route` serves `method` on `path`, by the rules of [`find`].
 pub fn matches(route: &Route, method: &str, path: &str) -> bool {
     prefix_matches(&route.prefix, path_only(path))

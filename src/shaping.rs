@@ -152,17 +152,12 @@ fn profile_steps(runtime: &Runtime, metadata: &Metadata) -> Option<Arc<[Step]>> 
 /// the vehicles part too, whether or not the profile names the composite.
 pub fn part_steps(runtime: &Runtime, metadata: &Metadata, composite: &Composite) -> Vec<Vec<Step>> {
     let config = &runtime.config;
-    let plain = |route: &&crate::config::Route| route.composite.is_none();
 
     composite
         .parts
         .iter()
         .map(|part| {
-            let own_route = config
-                .routes
-                .iter()
-                .filter(plain)
-                .find(|route| route::matches(route, "GET", &part.path));
+            let own_route = route::part_route(&config.routes, &part.path);
             let steps = metadata
                 .profile
                 .as_deref()

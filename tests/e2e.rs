@@ -464,6 +464,13 @@ async fn request_past_the_limit_gets_429_with_retry_after() {
     let body: Value = response.json().await.expect("json body");
     assert_eq!(body["error"], "rate_limited");
     assert_eq!(body["policy"], "stations");
+
+    // The composite answers with stations' data too, so it cannot be a way
+    // around the stations policy.
+    let response = get("/overview", Some(&token)).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = response.json().await.expect("json body");
+    assert_eq!(body["policy"], "stations");
 }
 
 #[tokio::test]
