@@ -12,8 +12,6 @@ mod support;
 use std::io::Read;
 use std::sync::OnceLock;
 
-use gatehouse::grpc::pb::GetCountersRequest;
-use gatehouse::grpc::pb::admin_client::AdminClient;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{KIOSK, MOBILE, PARTNER, Stack, WEB};
@@ -277,13 +275,7 @@ async fn last_request(port: u16, path: &str) -> Value {
 }
 
 async fn counters() -> std::collections::HashMap<String, u64> {
-    let address = format!("http://127.0.0.1:{}", stack().gatehouse_ports.admin);
-    let mut admin = AdminClient::connect(address).await.expect("admin api");
-    let reply = admin
-        .get_counters(GetCountersRequest {})
-        .await
-        .expect("counters");
-    reply.into_inner().values
+    support::forge::gatehouse_counters(stack().gatehouse_ports.admin).await
 }
 
 async fn counter_delta(before: &std::collections::HashMap<String, u64>, name: &str) -> u64 {

@@ -70,45 +70,31 @@ pub(super) fn scan(text: &str) -> Scan {
     while let Some(Ok((event, span))) = parser.next_event() {
         let line = u64::try_from(span.start.line()).ok();
 
-        // A scalar in a mapping that expects a key is that key.
-        if let (Event::Scalar(value, ..), Some(Frame::Map { key: key @ None })) =
-            (&event, stack.last_mut())
-        {
-            *key = Some(value.to_string());
-            if value.contains("${") {
+        if let Some(key) = take_key(&mut stack, &event) {
+            if key.contains("${") {
                 problems.push(problem(line, &stack, KEY));
             }
             continue;
         }
 
-        match event {
-            Event::Scalar(value, style, ..) => {
-                if style != ScalarStyle::Plain && value.contains("${") {
-                    problems.push(problem(line, &stack, QUOTED));
-                }
-                if style == ScalarStyle::Plain && value.contains('$') {
-                    if unclosed(&value) {
-                        problems.push(problem(line, &stack, UNCLOSED));
-                    }
-                    if let (Some(range), Some(line)) = (span.byte_range(), line) {
-                        expanded.push(Expanded {
-                            range,
-                            line,
-                            text: value.to_string(),
-                        });
-                    }
-                }
-                value_done(&mut stack);
+        if let Event::Scalar(value, style, ..) = &event {
+            if *style != ScalarStyle::Plain && value.contains("${") {
+                problems.push(problem(line, &stack, QUOTED));
             }
-            Event::Alias(..) => value_done(&mut stack),
-            Event::MappingStart(..) => stack.push(Frame::Map { key: None }),
-            Event::SequenceStart(..) => stack.push(Frame::Seq { next: 0 }),
-            Event::MappingEnd | Event::SequenceEnd => {
-                stack.pop();
-                value_done(&mut stack);
+            if *style == ScalarStyle::Plain && value.contains('$') {
+                if unclosed(value) {
+                    problems.push(problem(line, &stack, UNCLOSED));
+                }
+                if let (Some(range), Some(line)) = (span.byte_range(), line) {
+                    expanded.push(Expanded {
+                        range,
+                        line,
+                        text: value.to_string(),
+                    });
+                }
             }
-            _ => {}
         }
+        advance(&mut stack, &event);
     }
 
     Scan { problems, expanded }
@@ -130,10 +116,7 @@ pub(super) fn key_at(text: &str, line: u64, column: u64, whole: bool) -> Option<
             return collection;
         }
 
-        if let (Event::Scalar(value, ..), Some(Frame::Map { key: key @ None })) =
-            (&event, stack.last_mut())
-        {
-            *key = Some(value.to_string());
+        if take_key(&mut stack, &event).is_some() {
             if here {
                 return Some(key_path(&stack));
             }
@@ -149,19 +132,35 @@ pub(super) fn key_at(text: &str, line: u64, column: u64, whole: bool) -> Option<
             Event::Scalar(..) | Event::Alias(..) if here => return Some(key_path(&stack)),
             _ => {}
         }
-
-        match event {
-            Event::Scalar(..) | Event::Alias(..) => value_done(&mut stack),
-            Event::MappingStart(..) => stack.push(Frame::Map { key: None }),
-            Event::SequenceStart(..) => stack.push(Frame::Seq { next: 0 }),
-            Event::MappingEnd | Event::SequenceEnd => {
-                stack.pop();
-                value_done(&mut stack);
-            }
-            _ => {}
-        }
+        advance(&mut stack, &event);
     }
     None
+}
+
+/// A scalar read where a mapping expects its next key is that key: records
+/// it on the stack and returns it. Any other event gives `None`.
+fn take_key(stack: &mut [Frame], event: &Event<'_>) -> Option<String> {
+    let (Event::Scalar(value, ..), Some(Frame::Map { key: key @ None })) =
+        (event, stack.last_mut())
+    else {
+        return None;
+    };
+    *key = Some(value.to_string());
+    key.clone()
+}
+
+/// Moves the stack past a value or a collection's start or end.
+fn advance(stack: &mut Vec<Frame>, event: &Event<'_>) {
+    match event {
+        Event::Scalar(..) | Event::Alias(..) => value_done(stack),
+        Event::MappingStart(..) => stack.push(Frame::Map { key: None }),
+        Event::SequenceStart(..) => stack.push(Frame::Seq { next: 0 }),
+        Event::MappingEnd | Event::SequenceEnd => {
+            stack.pop();
+            value_done(stack);
+        }
+        _ => {}
+    }
 }
 
 /// Whether a `${` in a plain value has no closing `}`: the parser keeps such
