@@ -16,6 +16,7 @@ use crate::profile;
 use crate::ratelimit::{Outcome, Query};
 use crate::reshape;
 use crate::route;
+use crate::shaping;
 use crate::state::Runtime;
 
 /// The parts of an HTTP request that Check looks at.
@@ -90,12 +91,6 @@ async fn evaluate(
 
     let client_id = identity.as_ref().map(|identity| identity.client_id.clone());
     let choice = choose_profile(runtime, route, &request, identity.as_deref());
-    let reshaped = fields.is_some()
-        || choice
-            .profile
-            .as_deref()
-            .is_some_and(|profile| config.steps(profile, &route.name).is_some());
-
     let mut allow = Allow {
         response_headers,
         metadata: Metadata {
@@ -121,7 +116,7 @@ async fn evaluate(
     if let Some(identity) = &identity {
         allow.set_headers = identity_headers(forward, identity);
     }
-    if reshaped {
+    if shaping::has_steps(runtime, &allow.metadata) {
         keep_the_body_reshapeable(request.headers, &mut allow);
     }
     route_headers(route, &mut allow);

@@ -131,7 +131,9 @@ pub fn plan(
     result
 }
 
-fn has_steps(runtime: &Runtime, metadata: &Metadata) -> bool {
+/// Whether Check's decision gives this response anything to reshape: the
+/// profile lists steps for the route, or a sparse fieldset was asked for.
+pub fn has_steps(runtime: &Runtime, metadata: &Metadata) -> bool {
     profile_steps(runtime, metadata).is_some() || metadata.fields.is_some()
 }
 
